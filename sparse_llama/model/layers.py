@@ -1,0 +1,127 @@
+"""The Llama block's pieces as small pure functions over explicit weight arrays.
+
+Dimension letters: b batch, t query positions, s key positions, d model width, f MLP width,
+h query heads, k kv heads, g query heads per kv head, e head dim, v vocab.
+Weights are stored (in, out): `x @ w` (Hugging Face stores (out, in); see hf_io).
+
+`mlp` takes an optional index array of kept intermediate channels and `attention_projections`
+an optional index array of kept query heads, so that sparsity-accelerated training (SAT) can
+run forward and backward over a subset of units with plain gathers and smaller dense matmuls.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+_NEG_INF = -1e30  # finite, so fully-masked rows (padding) give uniform weights, never NaN
+
+
+def rms_norm(x: Float[Array, "*b d"], scale: Float[Array, " d"], eps: float) -> Float[Array, "*b d"]:
+    """Hugging Face LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_cos_sin(positions: Int[Array, "b t"], inv_freq: Float[Array, " half"]
+                 ) -> tuple[Float[Array, "b t e"], Float[Array, "b t e"]]:
+    """cos/sin tables in the rotate-half layout (frequencies repeated twice along e)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "b t n e"], cos: Float[Array, "b t e"], sin: Float[Array, "b t e"]
+               ) -> Float[Array, "b t n e"]:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_positions: Int[Array, "b t"], k_positions: Int[Array, "b s"],
+                   q_segments: Int[Array, "b t"] | None = None,
+                   k_segments: Int[Array, "b s"] | None = None) -> Bool[Array, "b t s"]:
+    """Causal by position; with segment ids, tokens attend only within their own segment.
+
+    Segment id 0 marks padding: padded keys are never attended to.
+    """
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if q_segments is not None and k_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+        mask &= k_segments[:, None, :] != 0
+    return mask
+
+
+def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"],
+                          v: Float[Array, "b s k e"], mask: Bool[Array, "b t s"],
+                          kv_head_of_q: Int[Array, " h"] | None = None) -> Float[Array, "b t h e"]:
+    """Softmax attention in float32 with grouped-query heads.
+
+    Without `kv_head_of_q` query head i uses kv head i // (h / k). With it (a head subset),
+    query head i uses kv head `kv_head_of_q[i]`.
+    """
+    b, t, h, e = q.shape
+    num_kv = k.shape[2]
+    scale = e ** -0.5
+    if kv_head_of_q is None:
+        qg = q.reshape(b, t, num_kv, h // num_kv, e)
+        scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32)
+    else:
+        k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
+        scores = jnp.einsum("bthe,bshe->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores[:, :, None]  # (b, h, 1, t, s): same layout as the grouped case
+    scores = jnp.where(mask[:, None, None], scores * scale, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if kv_head_of_q is None:
+        out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    else:
+        out = jnp.einsum("bhts,bshe->bthe", probs[:, :, 0], v)
+    return out.reshape(b, t, h, e)
+
+
+def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]:
+    """Column indices of the projection outputs that belong to the given heads."""
+    return (head_idx[:, None] * head_dim + jnp.arange(head_dim)[None, :]).reshape(-1)
+
+
+def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
+              sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], *, num_heads: int,
+              num_kv_heads: int, head_dim: int, dtype,
+              head_idx: Int[Array, " n"] | None = None,
+              kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
+              ) -> tuple[Float[Array, "b t d"], tuple[Array, Array]]:
+    """Self-attention block (without its norm). Returns the output and this step's (k, v).
+
+    `kv`, when given, maps the new (k, v) to the full key/value arrays to attend over (the KV
+    cache update in llama.forward_cached).
+    `head_idx` restricts the computation to those query heads (q and o projections gathered).
+    """
+    b, t, _ = x.shape
+    wq, wo = p["q_proj"].astype(dtype), p["o_proj"].astype(dtype)
+    n_q = num_heads
+    kv_head_of_q = None
+    if head_idx is not None:
+        cols = head_columns(head_idx, head_dim)
+        wq, wo = wq[:, cols], wo[cols, :]
+        n_q = head_idx.shape[0]
+        kv_head_of_q = head_idx // (num_heads // num_kv_heads)
+    q = (x @ wq).reshape(b, t, n_q, head_dim)
+    k = (x @ p["k_proj"].astype(dtype)).reshape(b, t, num_kv_heads, head_dim)
+    v = (x @ p["v_proj"].astype(dtype)).reshape(b, t, num_kv_heads, head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all = kv(k, v) if kv is not None else (k, v)
+    out = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
+    return out.reshape(b, t, n_q * head_dim) @ wo, (k_all, v_all)
+
+
+def mlp(p: dict, x: Float[Array, "b t d"], *, dtype,
+        neuron_idx: Int[Array, " n"] | None = None) -> Float[Array, "b t d"]:
+    """SwiGLU MLP. `neuron_idx` keeps only those intermediate channels (gate/up columns and
+    down rows gathered), so the matmuls shrink to the kept width."""
+    w_gate, w_up, w_down = (p[n].astype(dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+    if neuron_idx is not None:
+        w_gate, w_up, w_down = w_gate[:, neuron_idx], w_up[:, neuron_idx], w_down[neuron_idx, :]
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
