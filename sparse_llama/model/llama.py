@@ -67,9 +67,13 @@ def init_params(key: jax.Array, config: LlamaConfig, param_dtype=jnp.float32,
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _index(tree, i: int):
+    return jax.tree.map(lambda w: w[i], tree)
+
+
 def layer_params(params: dict, i: int) -> dict:
     """The i-th decoder block's weights, unstacked (a cheap slice of every layer leaf)."""
-    return jax.tree.map(lambda w: w[i], params["layers"])
+    return _index(params["layers"], i)
 
 
 def set_layer_params(params: dict, i: int, block: dict) -> dict:
@@ -110,8 +114,8 @@ def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig)
         return jax.lax.scan(lambda c, xs: fn(xs[0], c, xs[1]), x, (stacked, per_layer))
     outs = []
     for i in range(config.num_layers):
-        layer_xs = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
-        x, out = fn(jax.tree.map(lambda w: w[i], stacked), x, layer_xs)
+        layer_xs = None if per_layer is None else _index(per_layer, i)
+        x, out = fn(_index(stacked, i), x, layer_xs)
         outs.append(out)
     return x, jax.tree.map(lambda *o: jnp.stack(o), *outs) if outs[0] is not None else None
 

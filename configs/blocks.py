@@ -1,0 +1,81 @@
+"""Small config blocks shared by the experiment files in configs/.
+
+Each returns an `ml_collections.ConfigDict` for one section; an experiment file composes them in
+`get_config(arg)` and changes what it needs. Validation happens where the section is used
+(sparse_llama/*), before any work starts.
+"""
+
+import ml_collections
+
+
+def model(preset: str = "tiny", hf_path: str | None = None) -> ml_collections.ConfigDict:
+    """Which model: a preset from sparse_llama.model.config.PRESETS, or a Hugging Face dir."""
+    return ml_collections.ConfigDict({
+        "preset": preset,
+        "hf_path": hf_path or "",  # non-empty: load config, weights and tokenizer from here
+        "dtype": "float32",  # compute dtype: float32 | bfloat16 | float16
+        "param_dtype": "float32",  # storage dtype of the params (master weights in training)
+        "scan_layers": -1,  # -1: the preset's default; 0 / 1 to force the loop or lax.scan
+        "remat": "",  # "": the preset's default; none | full | dots | dots_no_batch
+    })
+
+
+def mesh() -> ml_collections.ConfigDict:
+    """Device mesh (data, fsdp, tensor). -1 on one axis takes the remaining devices."""
+    return ml_collections.ConfigDict({
+        "data": -1,
+        "fsdp": 1,
+        "tensor": 1,
+        # logical axis -> mesh axis (or "" for replicated); see sparse_llama/model/sharding.py
+        "rules": {
+            "batch": "data,fsdp",
+            "vocab": "tensor",
+            "embed": "fsdp",
+            "mlp": "tensor",
+            "heads": "tensor",
+            "kv_heads": "tensor",
+            "layers": "",
+            "norm": "",
+        },
+    })
+
+
+def data(seq_len: int = 128) -> ml_collections.ConfigDict:
+    """Training / evaluation data. Empty sources: the embedded default corpus."""
+    return ml_collections.ConfigDict({
+        "sources": {},  # name -> {"path", "kind", "weight", "text_field"}
+        "path": "",  # shortcut: one text file or folder replaces the mixture
+        "eval_path": "",  # held-out text; default: the validation split of the sources
+        "seq_len": seq_len,
+        "tokenizer_path": "",  # default: the model's tokenizer, else the embedded BPE
+    })
+
+
+def train(steps: int = 200, batch_size: int = 16) -> ml_collections.ConfigDict:
+    """The training loop (sparse_llama/train/loop.py). Steps count optimizer updates."""
+    return ml_collections.ConfigDict({
+        "steps": steps,  # total optimizer updates (the schedule ends here)
+        "batch_size": batch_size,  # global sequences per update, summed over processes
+        "grad_accum": 1,  # micro-batches per update (batch_size must divide by it)
+        "eval_every": 100,  # steps between evaluations (0: only at the end)
+        "eval_batches": 8,  # validation batches of batch_size windows per evaluation
+        "log_every": 10,  # steps between metric records
+        "checkpoint_every": 100,  # steps between checkpoints (0: only at the end)
+        "keep_checkpoints": 3,  # newest checkpoints kept in <workdir>/checkpoints
+        "seed": 0,  # params init, data order and the step rng
+        "export_hf": True,  # write <workdir>/hf at the end
+    })
+
+
+def optimizer(lr: float = 3e-3) -> ml_collections.ConfigDict:
+    """AdamW with linear warmup and cosine decay (sparse_llama/optim/factory.py)."""
+    return ml_collections.ConfigDict({
+        "lr": lr,  # peak learning rate
+        "warmup_steps": 20,
+        "min_lr_ratio": 0.1,  # final lr = lr * min_lr_ratio
+        "weight_decay": 0.1,  # decoupled; not applied to norm scales
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "clip_norm": 1.0,  # global gradient norm; 0 disables clipping
+    })

@@ -1,0 +1,91 @@
+"""Wikitext-style perplexity (REFERENCES.md section 1).
+
+The whole text is tokenized once (no BOS inserted), cut into non-overlapping windows of
+`seq_len` tokens (the incomplete tail is dropped), and the mean next-token NLL over every
+predicted token of every window is exponentiated. Each window predicts `seq_len - 1` tokens.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jaxtyping import Array, Float, Int
+
+from sparse_llama.model import llama, sharding
+from sparse_llama.model.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens
+    windows: int
+
+
+def token_windows(token_ids, seq_len: int) -> np.ndarray:
+    """Non-overlapping (n, seq_len) windows of a 1-D token stream; the tail is dropped."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 to predict anything, got {seq_len}")
+    token_ids = np.asarray(token_ids, np.int32)
+    n = token_ids.shape[0] // seq_len
+    if n == 0:
+        raise ValueError(f"the evaluation text has {token_ids.shape[0]} tokens, fewer than one "
+                         f"window of seq_len={seq_len}; use a longer text or a smaller seq_len")
+    return token_ids[: n * seq_len].reshape(n, seq_len)
+
+
+def check_seq_len(seq_len: int, config: LlamaConfig) -> None:
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens; lower data.seq_len")
+
+
+def window_nll(params: dict, windows: Int[Array, "b t"], weights: Float[Array, " b"],
+               config: LlamaConfig, masks=None) -> Float[Array, ""]:
+    """Sum over windows (weighted 0/1, for padding) of the summed next-token NLL."""
+    logits = llama.forward(params, windows, config, masks)[:, :-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll.sum(axis=-1) * weights)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _window_nll_jit(params, windows, weights, config, masks):
+    return window_nll(params, windows, weights, config, masks)
+
+
+def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
+                     batch_size: int = 8, masks=None, mesh: Mesh | None = None,
+                     rules: dict | None = None, progress=None) -> PerplexityResult:
+    """Perplexity of the model over `windows` (n, seq_len), batched; exact at any batch size.
+
+    With a mesh, batches are sharded over the rule for 'batch' (padded with zero-weight
+    windows to a multiple of the batch size); params are expected to be placed already.
+    """
+    check_seq_len(windows.shape[1], config)
+    n = windows.shape[0]
+    padded = math.ceil(n / batch_size) * batch_size
+    all_windows = np.zeros((padded, windows.shape[1]), np.int32)
+    all_windows[:n] = windows
+    all_weights = (np.arange(padded) < n).astype(np.float32)
+    place = (lambda x: x) if mesh is None else functools.partial(
+        _put_batch, mesh=mesh, rules=rules or {})
+    total = 0.0
+    for start in range(0, padded, batch_size):
+        sl = slice(start, start + batch_size)
+        total += float(_window_nll_jit(params, place(all_windows[sl]), place(all_weights[sl]),
+                                       config, masks))
+        if progress is not None:
+            progress(min(start + batch_size, n), n)
+    tokens = n * (windows.shape[1] - 1)
+    nll = total / tokens
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=tokens, windows=n)
+
+
+def _put_batch(x: np.ndarray, *, mesh: Mesh, rules: dict):
+    return jax.device_put(x, sharding.batch_sharding(mesh, rules, ndim=x.ndim))
