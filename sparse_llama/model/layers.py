@@ -87,14 +87,16 @@ def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]
     return (head_idx[:, None] * head_dim + jnp.arange(head_dim)[None, :]).reshape(-1)
 
 
-def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
-              sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], *, num_heads: int,
-              num_kv_heads: int, head_dim: int, dtype,
-              head_idx: Int[Array, " n"] | None = None,
-              kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
-              ) -> tuple[Float[Array, "b t d"], tuple[Array, Array]]:
-    """Self-attention block (without its norm). Returns the output and this step's (k, v).
+def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
+                      sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], *, num_heads: int,
+                      num_kv_heads: int, head_dim: int, dtype,
+                      head_idx: Int[Array, " n"] | None = None,
+                      kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
+                      ) -> tuple[Float[Array, "b t c"], Float[Array, "c d"], tuple[Array, Array]]:
+    """Attention up to (not including) the output projection.
 
+    Returns the concatenated head outputs (the o_proj input), the o_proj weight restricted to
+    the computed heads, and this step's full (k, v).
     `kv`, when given, maps the new (k, v) to the full key/value arrays to attend over (the KV
     cache update in llama.forward_cached).
     `head_idx` restricts the computation to those query heads (q and o projections gathered).
@@ -114,14 +116,30 @@ def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv(k, v) if kv is not None else (k, v)
     out = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
-    return out.reshape(b, t, n_q * head_dim) @ wo, (k_all, v_all)
+    return out.reshape(b, t, n_q * head_dim), wo, (k_all, v_all)
+
+
+def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
+              sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], **kwargs,
+              ) -> tuple[Float[Array, "b t d"], tuple[Array, Array]]:
+    """Self-attention block (without its norm): `attention_context` then o_proj."""
+    context, wo, new_kv = attention_context(p, x, cos, sin, mask, **kwargs)
+    return context @ wo, new_kv
+
+
+def mlp_activations(p: dict, x: Float[Array, "b t d"], *, dtype,
+                    neuron_idx: Int[Array, " n"] | None = None
+                    ) -> tuple[Float[Array, "b t f"], Float[Array, "f d"]]:
+    """silu(x W_gate) * (x W_up), the down_proj input, and down_proj over the kept channels."""
+    w_gate, w_up, w_down = (p[n].astype(dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+    if neuron_idx is not None:
+        w_gate, w_up, w_down = w_gate[:, neuron_idx], w_up[:, neuron_idx], w_down[neuron_idx, :]
+    return jax.nn.silu(x @ w_gate) * (x @ w_up), w_down
 
 
 def mlp(p: dict, x: Float[Array, "b t d"], *, dtype,
         neuron_idx: Int[Array, " n"] | None = None) -> Float[Array, "b t d"]:
     """SwiGLU MLP. `neuron_idx` keeps only those intermediate channels (gate/up columns and
     down rows gathered), so the matmuls shrink to the kept width."""
-    w_gate, w_up, w_down = (p[n].astype(dtype) for n in ("gate_proj", "up_proj", "down_proj"))
-    if neuron_idx is not None:
-        w_gate, w_up, w_down = w_gate[:, neuron_idx], w_up[:, neuron_idx], w_down[neuron_idx, :]
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    act, w_down = mlp_activations(p, x, dtype=dtype, neuron_idx=neuron_idx)
+    return act @ w_down

@@ -86,18 +86,33 @@ def output_weights(params: dict) -> Array:
     return params["lm_head"] if "lm_head" in params else params["embed_tokens"].T
 
 
-def block(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig, *,
-          neuron_idx=None, head_idx=None, kv=None):
-    """One decoder block: pre-norm attention and pre-norm SwiGLU, each with a residual."""
+def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig,
+                    *, neuron_idx=None, head_idx=None, kv=None):
+    """One decoder block: pre-norm attention and pre-norm SwiGLU, each with a residual.
+
+    Returns (output, new_kv, taps) where taps holds the input of every linear layer, keyed by
+    the group of linears that read it: 'qkv' (q/k/v_proj), 'o_proj', 'gate_up' (gate/up_proj),
+    'down_proj'. Callers that ignore taps pay nothing (XLA drops the unused values).
+    """
     dtype = x.dtype
     h = layers.rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
-    attn_out, new_kv = layers.attention(
+    context, wo, new_kv = layers.attention_context(
         p["self_attn"], h, cos, sin, mask, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.dim_per_head, dtype=dtype,
         head_idx=head_idx, kv=kv)
-    x = x + attn_out
-    h = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
-    return x + layers.mlp(p["mlp"], h, dtype=dtype, neuron_idx=neuron_idx), new_kv
+    x = x + context @ wo
+    h2 = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
+    act, w_down = layers.mlp_activations(p["mlp"], h2, dtype=dtype, neuron_idx=neuron_idx)
+    taps = {"qkv": h, "o_proj": context, "gate_up": h2, "down_proj": act}
+    return x + act @ w_down, new_kv, taps
+
+
+def block(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig, *,
+          neuron_idx=None, head_idx=None, kv=None):
+    """One decoder block (see block_with_taps): returns (output, new_kv)."""
+    out, new_kv, _ = block_with_taps(p, x, cos, sin, mask, config, neuron_idx=neuron_idx,
+                                     head_idx=head_idx, kv=kv)
+    return out, new_kv
 
 
 def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig):
@@ -120,7 +135,19 @@ def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig)
     return x, jax.tree.map(lambda *o: jnp.stack(o), *outs) if outs[0] is not None else None
 
 
-def _embed(params, tokens, config):
+def rope_and_mask(shape: tuple[int, int], config: LlamaConfig, positions=None,
+                  segment_ids=None):
+    """Rotary tables and the (b, t, t) attention mask for a batch of this shape."""
+    b, t = shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = _rope(positions, config)
+    # Causality is by index, not by the rotary positions (which restart in packed documents).
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return cos, sin, layers.attention_mask(idx, idx, segment_ids, segment_ids)
+
+
+def embed(params, tokens, config):
     return jnp.take(params["embed_tokens"], tokens, axis=0).astype(config.dtype)
 
 
@@ -150,13 +177,7 @@ def forward(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig, masks=
     """
     if masks is not None:
         params = apply_masks(params, masks)
-    b, t = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = _rope(positions, config)
-    # Causality is by index, not by the rotary positions (which restart in packed documents).
-    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = layers.attention_mask(idx, idx, segment_ids, segment_ids)
+    cos, sin, mask = rope_and_mask(tokens.shape, config, positions, segment_ids)
 
     def step(p, x, xs):
         n_idx, h_idx = xs if xs is not None else (None, None)
@@ -166,7 +187,7 @@ def forward(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig, masks=
     per_layer = None
     if neuron_idx is not None or head_idx is not None:
         per_layer = (neuron_idx, head_idx)
-    x, hidden = run_blocks(params["layers"], _embed(params, tokens, config), per_layer, step,
+    x, hidden = run_blocks(params["layers"], embed(params, tokens, config), per_layer, step,
                            config)
     logits = _logits(params, x, config)
     return (logits, hidden) if return_hidden else logits
@@ -205,7 +226,7 @@ def forward_cached(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig,
         x, new_kv = block(p, x, cos, sin, mask, config, kv=write)
         return x, new_kv
 
-    x, (k, v) = run_blocks(params["layers"], _embed(params, tokens, config),
+    x, (k, v) = run_blocks(params["layers"], embed(params, tokens, config),
                            (cache["k"], cache["v"]), step, config)
     return _logits(params, x, config), {"k": k, "v": v}
 
