@@ -1,18 +1,9 @@
-"""Complete a prompt: `python -m launch.generate --config=configs/generate.py ...`."""
-
-from absl import app
-from ml_collections import config_flags
+"""Complete a prompt with a model directory (configs/generate.py says how)."""
 
 from sparse_llama import launching
 from sparse_llama.model import completion
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "Generation config.")
-
-
-def main(argv):
-    del argv
-    launching.main(lambda: completion.run(_CONFIG.value))
-
+_CONFIG = launching.define_config("configs/generate.py")
 
 if __name__ == "__main__":
-    app.run(main)
+    launching.run_command(_CONFIG, completion.run)

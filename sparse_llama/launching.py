@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -62,6 +63,9 @@ def print_summary(summary: dict) -> None:
 
 def main(run_fn: Callable[[], dict]) -> None:
     """Run a command: distributed init, the work, the JSON line; one-line user errors."""
+    if not flags.FLAGS["verbosity"].present:
+        # orbax and jax log every save at INFO; a command's own output is its progress bars.
+        logging.set_verbosity(logging.WARNING)
     try:
         init_distributed()
         summary = run_fn()
@@ -73,3 +77,19 @@ def main(run_fn: Callable[[], dict]) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
     print_summary(summary)
+
+
+def define_config(default: str):
+    """The `--config` flag: an ml-collections config file (`path.py:variant` allowed) whose
+    values can be overridden with `--config.key=value`."""
+    return config_flags.DEFINE_config_file(
+        "config", default, "Experiment config file (configs/*.py[:variant]).")
+
+
+def run_command(config_flag, run_fn: Callable) -> None:
+    """`app.run` a command whose work is `run_fn(config) -> summary`."""
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
+        main(lambda: run_fn(config_flag.value))
+    app.run(_main)

@@ -53,14 +53,14 @@ def model_config(model_cfg: ml_collections.ConfigDict, *, vocab_size: int | None
     """The LlamaConfig the section describes, without loading any weights."""
     check_model_section(model_cfg)
     if model_cfg.hf_path:
-        from sparse_llama.model import hf_io
+        from sparse_llama.model import hf_config
 
         config_path = os.path.join(model_cfg.hf_path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{model_cfg.hf_path} has no config.json; model.hf_path "
                                     "must be a Hugging Face model directory")
         with open(config_path) as f:
-            base = hf_io.config_from_hf(json.load(f))
+            base = hf_config.config_from_hf(json.load(f))
     else:
         base = preset(model_cfg.preset)
         if vocab_size is not None:

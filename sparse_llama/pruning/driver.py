@@ -1,0 +1,207 @@
+"""The sequential, layer-by-layer pruning driver (REFERENCES.md section 1).
+
+Block 0 is pruned with inputs from the dense embeddings; the *pruned* block then produces the
+inputs of block 1, and so on. Only one block's activations (num_samples, seq_len, D) are live.
+Inside a block, the linears that read the same input share one statistics pass (q/k/v read
+'qkv', gate/up read 'gate_up'); with `true_sequential`, the groups are pruned in the order
+{q,k,v} -> {o} -> {gate,up} -> {down} and each group's inputs are recomputed from the block
+with the previous groups already pruned.
+
+Statistics are accumulated in float32 over micro-batches of calibration windows. With a mesh,
+micro-batches are sharded over the batch rule and the Gram matrices come out summed over the
+devices (XLA's all-reduce: data-parallel accumulation with a psum).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sparse_llama.model import llama, sharding
+from sparse_llama.model.config import LlamaConfig
+from sparse_llama.pruning import hessian, magnitude, profiles, sparsegpt, wanda
+from sparse_llama.sparsity.masks import dense_masks
+
+# Which linears read each tapped input (names are paths inside a block's params).
+GROUPS = {
+    "qkv": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    "o_proj": ("self_attn/o_proj",),
+    "gate_up": ("mlp/gate_proj", "mlp/up_proj"),
+    "down_proj": ("mlp/down_proj",),
+}
+SEQUENTIAL_STAGES = (("qkv",), ("o_proj",), ("gate_up",), ("down_proj",))
+ONE_STAGE = (("qkv", "o_proj", "gate_up", "down_proj"),)
+
+# method -> the statistic of each linear's input it needs: 'gram' (sum of x x^T),
+# 'sqnorm' (sum of x_j^2 per input feature) or None.
+METHOD_STATS = {"sparsegpt": "gram", "wanda": "sqnorm", "magnitude": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    method: str  # sparsegpt | wanda | magnitude
+    layer_sparsity: tuple[float, ...]  # one value per decoder block
+    n: int = 0
+    m: int = 0
+    block_size: int = 128
+    dampening: float = 0.01
+    module_sparsity: tuple[tuple[str, float], ...] = ()  # per-module-type overrides
+    true_sequential: bool = False
+    batch_size: int = 8  # calibration windows per micro-batch
+
+    def __post_init__(self):
+        if self.method not in METHOD_STATS:
+            raise ValueError(f"pruning.method={self.method!r} is not one of "
+                             f"{sorted(METHOD_STATS)}")
+        for s in self.layer_sparsity:
+            profiles.check_sparsity(s)
+        if (self.n, self.m) != (0, 0) and not 0 < self.n < self.m:
+            raise ValueError(f"N:M pattern {self.n}:{self.m} needs 0 < N < M (e.g. 2:4); set "
+                             "pruning.n=pruning.m=0 for unstructured")
+        if self.batch_size < 1:
+            raise ValueError(f"calibration batch size must be positive, got {self.batch_size}")
+
+
+def _module_get(block: dict, name: str):
+    group, leaf = name.split("/")
+    return block[group][leaf]
+
+
+def _module_set(block: dict, name: str, value) -> dict:
+    group, leaf = name.split("/")
+    return {**block, group: {**block[group], leaf: value}}
+
+
+_STATS = {
+    "gram": (hessian.init, hessian.accumulate, hessian.finalize),
+    "sqnorm": (hessian.init_sq_norms, hessian.accumulate_sq_norms, hessian.finalize_sq_norms),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "kind"))
+def _tap_stats(p: dict, x, states: dict, config: LlamaConfig, kind: str) -> dict:
+    """Fold one micro-batch into the statistic of every tapped input named in `states`."""
+    cos, sin, mask = llama.rope_and_mask(x.shape[:2], config)
+    _, _, taps = llama.block_with_taps(p, x, cos, sin, mask, config)
+    accumulate = _STATS[kind][1]
+    return {g: accumulate(state, taps[g].astype(jnp.float32)) for g, state in states.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _block_out(p: dict, x, config: LlamaConfig):
+    cos, sin, mask = llama.rope_and_mask(x.shape[:2], config)
+    return llama.block(p, x, cos, sin, mask, config)[0]
+
+
+class _Activations:
+    """The current block's inputs for all calibration windows, in micro-batches."""
+
+    def __init__(self, chunks: list, mesh: Mesh | None, rules: Mapping | None):
+        self.chunks, self.mesh, self.rules = chunks, mesh, rules or {}
+
+    def place(self, x):
+        if self.mesh is None:
+            return x
+        return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, ndim=3))
+
+    def stats(self, p, config, groups, kind) -> dict:
+        """Finalized statistic (Hessian or squared norms) of each group's input."""
+        init, _, finalize = _STATS[kind]
+        widths = {"qkv": config.hidden_size, "o_proj": config.q_width,
+                  "gate_up": config.hidden_size, "down_proj": config.intermediate_size}
+        states = {g: init(widths[g]) for g in groups}
+        for x in self.chunks:
+            states = _tap_stats(p, self.place(x), states, config, kind)
+        return {g: finalize(state) for g, state in states.items()}
+
+    def advance(self, p, config) -> "_Activations":
+        return _Activations([_block_out(p, self.place(x), config) for x in self.chunks],
+                            self.mesh, self.rules)
+
+
+def _embed_windows(params, windows: np.ndarray, config: LlamaConfig, batch_size: int) -> list:
+    return [llama.embed(params, jnp.asarray(windows[i:i + batch_size]), config)
+            for i in range(0, windows.shape[0], batch_size)]
+
+
+def _prune_one(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
+    """Prune one linear stored (in, out); the solvers take Hugging Face (out, in)."""
+    w = w_in_out.T.astype(jnp.float32)
+    mask = None if mask_in_out is None or mask_in_out.ndim == 0 else mask_in_out.T
+    if method == "sparsegpt":
+        new_w, new_mask = sparsegpt.prune_layer(
+            w, stat, sparsity=sparsity, n=spec.n, m=spec.m, block_size=spec.block_size,
+            dampening=spec.dampening, mask=mask)
+    elif method == "wanda":
+        new_w, new_mask = wanda.prune_layer(w, stat, sparsity=sparsity, n=spec.n, m=spec.m,
+                                            mask=mask)
+    else:
+        new_w, new_mask = magnitude.prune_layer(w, sparsity=sparsity, n=spec.n, m=spec.m,
+                                                mask=mask)
+    return new_w.T.astype(w_in_out.dtype), new_mask.T
+
+
+def owl_outlier_ratios(params: dict, config: LlamaConfig, windows: np.ndarray, *, m: float,
+                       batch_size: int = 8, mesh: Mesh | None = None, rules=None,
+                       progress: Callable | None = None) -> list[float]:
+    """OWL's D_l for every block, from a dense pass over the calibration windows.
+
+    All layer sparsities depend on every D_l (min/max normalisation), so they are measured
+    before any pruning, on the dense model, as the published OWL implementation does.
+    """
+    acts = _Activations(_embed_windows(params, windows, config, batch_size), mesh, rules)
+    ratios = []
+    for i in range(config.num_layers):
+        p = llama.layer_params(params, i)
+        norms = acts.stats(p, config, tuple(GROUPS), "sqnorm")
+        metrics = [jnp.abs(_module_get(p, name)) * jnp.sqrt(norms[g])[:, None]
+                   for g, names in GROUPS.items() for name in names]
+        ratios.append(profiles.outlier_ratio(metrics, m))
+        acts = acts.advance(p, config)
+        if progress is not None:
+            progress(i)
+    return ratios
+
+
+def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: PruneSpec, *,
+                masks: dict | None = None, mesh: Mesh | None = None, rules=None,
+                progress: Callable | None = None) -> tuple[dict, dict]:
+    """Prune every targeted linear of every block; returns (pruned params, masks).
+
+    windows: (num_samples, seq_len) calibration token ids. masks: existing masks (params'
+    structure) to extend: what they pruned stays pruned. The returned masks have the params'
+    structure (0-d True for untargeted leaves), and pruned entries are exact zeros.
+    """
+    if len(spec.layer_sparsity) != config.num_layers:
+        raise ValueError(f"{len(spec.layer_sparsity)} layer sparsities for a model with "
+                         f"{config.num_layers} layers")
+    masks = dense_masks(params) if masks is None else masks
+    kind = METHOD_STATS[spec.method]
+    overrides = dict(spec.module_sparsity)
+    stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
+    acts = _Activations(_embed_windows(params, windows, config, spec.batch_size), mesh, rules)
+    for i in range(config.num_layers):
+        p = llama.layer_params(params, i)
+        layer_masks = llama.layer_params(masks, i)
+        for stage in stages:
+            stats = acts.stats(p, config, stage, kind) if kind else {}
+            for g in stage:
+                for name in GROUPS[g]:
+                    s = profiles.module_sparsity(spec.layer_sparsity[i], name, overrides)
+                    if s == 0.0 and (spec.n, spec.m) == (0, 0):
+                        continue
+                    new_w, new_mask = _prune_one(
+                        spec.method, _module_get(p, name), stats.get(g), sparsity=s, spec=spec,
+                        mask_in_out=_module_get(layer_masks, name))
+                    p = _module_set(p, name, new_w)
+                    layer_masks = _module_set(layer_masks, name, new_mask)
+        params = llama.set_layer_params(params, i, p)
+        masks = llama.set_layer_params(masks, i, layer_masks)
+        acts = acts.advance(p, config)
+        if progress is not None:
+            progress(i)
+    return params, masks

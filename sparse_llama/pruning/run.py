@@ -1,0 +1,138 @@
+"""`launch.prune`: one-shot pruning of a model directory, from an ml-collections config.
+
+Writes to `output_dir`: a Hugging Face directory whose pruned weights are exact zeros
+(transformers loads it as is; tokenizer files copied), `masks/` (orbax) and
+`sparsity_report.json`. With `eval.path`, perplexity before and after, as `launch.eval` computes.
+"""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from sparse_llama.data.tokenizer import load_tokenizer
+from sparse_llama.eval import run as eval_run
+from sparse_llama.model import hf_io, loading, sharding
+from sparse_llama.pruning import calibration, driver, profiles
+from sparse_llama.sparsity import mask_io
+from sparse_llama.sparsity import masks as masks_lib
+from sparse_llama.sparsity import report as report_lib
+
+
+def check_prune_config(config: ml_collections.ConfigDict) -> None:
+    """Every value that could stop the run later is checked here, before loading anything."""
+    loading.check_model_section(config.model)
+    p = config.pruning
+    if p.method not in driver.METHOD_STATS:
+        raise ValueError(f"pruning.method={p.method!r} is not one of "
+                         f"{sorted(driver.METHOD_STATS)}")
+    profiles.check_sparsity(p.sparsity)
+    if p.profile not in profiles.PROFILES:
+        raise ValueError(f"pruning.profile={p.profile!r} is not one of {profiles.PROFILES}")
+    if (p.n, p.m) != (0, 0) and not 0 < p.n < p.m:
+        raise ValueError(f"pruning.n={p.n}, pruning.m={p.m}: N:M needs 0 < N < M (e.g. 2:4); "
+                         "use n=m=0 for unstructured")
+    if p.n and p.profile != "uniform":
+        raise ValueError("an N:M pattern fixes the sparsity at N/M; use pruning.profile=uniform")
+    for key, value in dict(p.module_sparsity).items():
+        profiles.check_sparsity(float(value), f"pruning.module_sparsity.{key}")
+    c = config.calibration
+    if c.path and not os.path.isfile(c.path):
+        raise FileNotFoundError(f"calibration.path={c.path!r} is not a file (a text file or a "
+                                ".npy array of token ids)")
+    if c.num_samples < 1 or c.seq_len < 2 or c.batch_size < 1:
+        raise ValueError("calibration.num_samples and calibration.batch_size must be >= 1 and "
+                         f"calibration.seq_len >= 2; got {c.num_samples}, {c.batch_size}, "
+                         f"{c.seq_len}")
+    if config.eval.path and not os.path.isfile(config.eval.path):
+        raise FileNotFoundError(f"eval.path={config.eval.path!r} is not a file")
+    if not config.output_dir:
+        raise ValueError("output_dir is empty; pass --config.output_dir=DIR for the pruned model")
+    if os.path.isfile(config.output_dir):
+        raise FileExistsError(f"output_dir={config.output_dir!r} is a file")
+
+
+def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
+    p, n_layers = config.pruning, bundle.config.num_layers
+    if p.n:
+        return profiles.uniform(n_layers, p.n / p.m)
+    if p.profile == "uniform":
+        return profiles.uniform(n_layers, p.sparsity)
+    if p.profile == "list":
+        return profiles.explicit(list(p.layer_sparsities), n_layers)
+    bar = tqdm(total=n_layers, desc="OWL outlier ratios", unit="layer")
+    ratios = driver.owl_outlier_ratios(
+        bundle.params, bundle.config, windows, m=p.owl_m, batch_size=config.calibration.batch_size,
+        mesh=mesh, rules=rules, progress=lambda _: bar.update())
+    bar.close()
+    logging.info("OWL outlier ratios: %s", np.round(ratios, 4).tolist())
+    return profiles.owl(ratios, p.sparsity, p.owl_lambda)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    check_prune_config(config)
+    start = time.time()
+    model_cfg = config.model
+    bundle = loading.load_model(model_cfg)
+    tokenizer = load_tokenizer(bundle.tokenizer_dir) if bundle.tokenizer_dir else None
+    c = config.calibration
+    windows = calibration.calibration_windows(
+        c.path, tokenizer, num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
+        vocab_size=bundle.config.vocab_size)
+    eval_text = None
+    if config.eval.path:
+        if tokenizer is None:
+            raise ValueError("eval.path needs the model's tokenizer.json in model.hf_path")
+        with open(config.eval.path, encoding="utf-8") as f:
+            eval_text = f.read()
+
+    def perplexity(params, desc):
+        if eval_text is None:
+            return None
+        model = loading.ModelBundle(bundle.config, params, bundle.tokenizer_dir)
+        return eval_run.evaluate_text(model, tokenizer, eval_text, config.eval.seq_len,
+                                      batch_size=config.eval.batch_size, mesh_cfg=config.mesh,
+                                      desc=desc).perplexity
+
+    ppl_before = perplexity(bundle.params, "eval (dense)")
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    sparsities = layer_sparsities(config, bundle, windows, mesh, rules)
+    p = config.pruning
+    spec = driver.PruneSpec(
+        method=p.method, layer_sparsity=tuple(float(s) for s in sparsities), n=p.n, m=p.m,
+        block_size=p.block_size, dampening=p.dampening,
+        module_sparsity=tuple(sorted((k, float(v)) for k, v in dict(p.module_sparsity).items())),
+        true_sequential=p.true_sequential, batch_size=c.batch_size)
+    existing = masks_lib.masks_from_zeros(bundle.params) if p.keep_zeros else None
+    bar = tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer")
+    prune_start = time.time()
+    params, masks = driver.prune_model(bundle.params, bundle.config, windows, spec,
+                                       masks=existing, mesh=mesh, rules=rules,
+                                       progress=lambda _: bar.update())
+    jax.block_until_ready(params)
+    prune_seconds = time.time() - prune_start
+    bar.close()
+    report = report_lib.sparsity_report(params)
+    report["layer_targets"] = [float(s) for s in sparsities]
+    print(report_lib.format_report(report), flush=True)
+    out = hf_io.save_hf(params, bundle.config, config.output_dir, masks=masks,
+                        tokenizer_dir=bundle.tokenizer_dir, dtype=config.save_dtype or None)
+    mask_io.save_masks(masks, os.path.join(out, "masks"))
+    _write_json(os.path.join(out, "sparsity_report.json"), report)
+    ppl_after = perplexity(params, "eval (pruned)")
+    return {"sparsity": report["overall"], "seconds": round(time.time() - start, 3),
+            "prune_seconds": round(prune_seconds, 3), "perplexity_before": ppl_before,
+            "perplexity_after": ppl_after, "method": p.method, "output_dir": str(out)}
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
