@@ -68,17 +68,19 @@ def init_params(key: jax.Array, config: LlamaConfig, param_dtype=jnp.float32,
 
 
 def _index(tree, i: int):
-    return jax.tree.map(lambda w: w[i], tree)
+    # 0-d leaves (the masks of dense tensors) have no layer axis and stand for every layer.
+    return jax.tree.map(lambda w: w[i] if jnp.ndim(w) else w, tree)
 
 
 def layer_params(params: dict, i: int) -> dict:
-    """The i-th decoder block's weights, unstacked (a cheap slice of every layer leaf)."""
+    """The i-th decoder block's weights (or masks), unstacked: a cheap slice of every leaf."""
     return _index(params["layers"], i)
 
 
 def set_layer_params(params: dict, i: int, block: dict) -> dict:
     """A copy of params whose i-th block is replaced by `block`."""
-    new_layers = jax.tree.map(lambda w, b: w.at[i].set(b.astype(w.dtype)), params["layers"], block)
+    new_layers = jax.tree.map(lambda w, b: w.at[i].set(b.astype(w.dtype)) if jnp.ndim(w) else w,
+                              params["layers"], block)
     return {**params, "layers": new_layers}
 
 

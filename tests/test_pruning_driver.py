@@ -1,0 +1,152 @@
+"""The layer-by-layer pruning driver, profiles, calibration windows and sparsity reports."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_llama.model import layers, llama
+from sparse_llama.model.config import preset
+from sparse_llama.pruning import calibration, driver, profiles, sparsegpt
+from sparse_llama.sparsity import masks as masks_lib
+from sparse_llama.sparsity.report import format_report, sparsity_report
+
+CFG = preset("tiny").replace(num_layers=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = llama.init_params(jax.random.key(0), CFG)
+    windows = np.asarray(jax.random.randint(jax.random.key(1), (6, 16), 0, CFG.vocab_size))
+    return params, windows
+
+
+def _spec(method="sparsegpt", sparsity=0.5, **kw):
+    return driver.PruneSpec(method=method, layer_sparsity=(sparsity,) * CFG.num_layers,
+                            batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_every_target_is_pruned_exactly_and_the_rest_stays_dense(model, method, true_sequential):
+    params, windows = model
+    pruned, masks = driver.prune_model(params, CFG, windows,
+                                       _spec(method, true_sequential=true_sequential))
+    masks_lib.check_masks(pruned, masks)
+    report = sparsity_report(pruned)
+    assert report["overall"] == pytest.approx(0.5, abs=1e-3)
+    for name, value in report["per_module"].items():
+        assert value == pytest.approx(0.5, abs=0.01), name
+    for path, w in jax.tree_util.tree_flatten_with_path(pruned)[0]:
+        name = masks_lib.path_name(path)
+        if not masks_lib.is_target(name):
+            np.testing.assert_array_equal(w, masks_lib.path_name and _get(params, path))
+    zeros = jax.tree.map(lambda w, m: bool(jnp.all(jnp.where(m, True, w == 0))), pruned, masks)
+    assert all(jax.tree.leaves(zeros))
+    assert "all" in format_report(report)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_first_layer_matches_the_solver_on_hand_computed_hessians(model):
+    params, windows = model
+    pruned, _ = driver.prune_model(params, CFG, windows, _spec())
+    # Block 0's q/k/v read RMSNorm(embeddings): H = (2/n) sum_k X_k X_k^T over n windows.
+    x = params["embed_tokens"][windows]
+    h = layers.rms_norm(x, params["layers"]["input_layernorm"][0], CFG.rms_norm_eps)
+    flat = np.asarray(h, np.float64).reshape(-1, CFG.hidden_size)
+    hessian = jnp.asarray(2.0 / windows.shape[0] * flat.T @ flat, jnp.float32)
+    w_q = params["layers"]["self_attn"]["q_proj"][0].T
+    expected, _ = sparsegpt.prune_layer(w_q, hessian, sparsity=0.5)
+    np.testing.assert_allclose(pruned["layers"]["self_attn"]["q_proj"][0].T, expected, atol=1e-4)
+
+
+def test_nm_and_module_overrides(model):
+    params, windows = model
+    pruned, masks = driver.prune_model(params, CFG, windows, _spec(n=2, m=4))
+    for name in ("q_proj", "up_proj"):
+        group = "self_attn" if name == "q_proj" else "mlp"
+        for layer in range(CFG.num_layers):
+            # stored (in, out): groups of 4 consecutive inputs run along axis 0
+            assert masks_lib.check_nm(masks["layers"][group][name][layer], 2, 4, axis=0)
+    spec = _spec("magnitude", module_sparsity=(("down_proj", 0.25),))
+    pruned, _ = driver.prune_model(params, CFG, windows, spec)
+    report = sparsity_report(pruned)
+    assert report["per_module"]["mlp/down_proj"] == pytest.approx(0.25, abs=0.01)
+    assert report["per_module"]["mlp/up_proj"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_extending_masks_keeps_old_zeros(model):
+    params, windows = model
+    half, masks50 = driver.prune_model(params, CFG, windows, _spec())
+    more, masks70 = driver.prune_model(half, CFG, windows, _spec(sparsity=0.7), masks=masks50)
+    assert sparsity_report(more)["overall"] == pytest.approx(0.7, abs=0.01)
+    kept_old = jax.tree.map(lambda a, b: bool(jnp.all(b <= a)), masks50, masks70)
+    assert all(jax.tree.leaves(kept_old))
+
+
+def test_owl_profile_formula():
+    ratios = [0.01, 0.03, 0.02, 0.05]
+    s = profiles.owl(ratios, 0.7, 0.08)
+    d = np.asarray(ratios)
+    r = (d - d.min()) / (d.max() - d.min()) * 0.16
+    np.testing.assert_allclose(s, 1 - (r - r.mean() + 0.3))
+    assert s.mean() == pytest.approx(0.7)
+    assert s.min() == pytest.approx(0.7 - 0.08 + (0.16 - np.sum(r) / 4) - 0.08 + 0.08, abs=0.1)
+    assert np.argmin(s) == 3 and np.argmax(s) == 0  # more outliers, less pruning
+    assert s.max() - s.min() == pytest.approx(0.16)
+    np.testing.assert_allclose(profiles.owl([0.02] * 3, 0.5, 0.08), 0.5)
+
+
+def test_owl_ratios_come_from_a_dense_pass(model):
+    params, windows = model
+    ratios = driver.owl_outlier_ratios(params, CFG, windows, m=5.0, batch_size=4)
+    assert len(ratios) == CFG.num_layers and all(0 <= r < 1 for r in ratios)
+
+
+def test_outlier_ratio_counts_entries_above_m_times_mean():
+    a = [jnp.asarray([1.0, 1.0, 1.0, 1.0]), jnp.asarray([1.0, 20.0])]
+    # mean = 25 / 6; only 20 exceeds 2 * mean
+    assert profiles.outlier_ratio(a, 2.0) == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "obs"}, "pruning.method"),
+    ({"layer_sparsity": (1.0, 0.5)}, "outside"),
+    ({"n": 4, "m": 2}, "0 < N < M"),
+])
+def test_spec_errors(kwargs, message):
+    base = {"method": "sparsegpt", "layer_sparsity": (0.5, 0.5)}
+    with pytest.raises(ValueError, match=message):
+        driver.PruneSpec(**{**base, **kwargs})
+
+
+def test_explicit_profile_checks_length():
+    with pytest.raises(ValueError, match="one sparsity per decoder block"):
+        profiles.explicit([0.5], 2)
+
+
+def test_calibration_windows(tmp_path):
+    stream = np.arange(1000) % 97
+    a = calibration.sample_windows(stream, 8, 32, seed=0)
+    b = calibration.sample_windows(stream, 8, 32, seed=0)
+    c = calibration.sample_windows(stream, 8, 32, seed=1)
+    assert a.shape == (8, 32) and np.array_equal(a, b) and not np.array_equal(a, c)
+    for row in a:  # every window is a contiguous slice of the stream
+        assert np.array_equal(row, stream[row[0]:row[0] + 32] if row[0] + 32 <= 97 else row)
+    with pytest.raises(ValueError, match="too few calibration tokens"):
+        calibration.sample_windows(stream[:20], 8, 32, seed=0)
+    good = tmp_path / "cal.npy"
+    np.save(good, np.ones((4, 16), np.int64))
+    assert calibration.windows_from_npy(str(good), 100).dtype == np.int32
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((4, 16), 500))
+    with pytest.raises(ValueError, match="outside"):
+        calibration.windows_from_npy(str(bad), 100)
+    np.save(bad, np.ones(16))
+    with pytest.raises(ValueError, match="num_samples, seq_len"):
+        calibration.windows_from_npy(str(bad), 100)
