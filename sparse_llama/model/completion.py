@@ -2,7 +2,6 @@
 
 import time
 
-import jax.numpy as jnp
 import ml_collections
 
 from sparse_llama.data.tokenizer import load_tokenizer
@@ -32,11 +31,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
         raise ValueError("the prompt is empty after tokenization; pass --config.prompt=TEXT")
     bundle = loading.load_model(config.model)
     start = time.time()
-    out = generate.generate(bundle.params, bundle.config, jnp.asarray([prompt], jnp.int32),
+    # A single prompt comes back as a list already cut after its EOS.
+    out = generate.generate(bundle.params, bundle.config, prompt,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, top_p=config.top_p,
                             seed=config.seed, eos_id=tokenizer.eos_id)
-    tokens = [int(t) for t in out[0]]
+    tokens = [int(t) for t in out]
     seconds = time.time() - start
     return {"text": tokenizer.decode(tokens), "tokens": tokens, "prompt_tokens": len(prompt),
             "seconds": round(seconds, 3),

@@ -60,7 +60,7 @@ def model_config(model_cfg: ml_collections.ConfigDict, *, vocab_size: int | None
             raise FileNotFoundError(f"{model_cfg.hf_path} has no config.json; model.hf_path "
                                     "must be a Hugging Face model directory")
         with open(config_path) as f:
-            base = hf_config.config_from_hf(json.load(f))
+            base = hf_config.config_from_hf(json.load(f), source=config_path)
     else:
         base = preset(model_cfg.preset)
         if vocab_size is not None:

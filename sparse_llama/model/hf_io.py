@@ -1,0 +1,354 @@
+"""Hugging Face Llama checkpoints (config.json + safetensors) in and out.
+
+One table, `TENSOR_TABLE`, maps Hugging Face tensor names to our params paths; load and save
+both use it. Hugging Face stores linear weights (out, in) per layer; we store them (in, out)
+stacked on a leading layer axis (see llama.py), hence the transposes.
+
+Loading streams tensor by tensor: each stacked param is allocated once at its final shape and
+its layer slices are filled as tensors are read, so the peak host memory is the model plus one
+tensor. Saving walks the params leaf by leaf into shards of at most `max_shard_bytes`, inside a
+temporary directory that is renamed into place only when complete.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from sparse_llama.model import llama
+from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.hf_config import config_from_hf, config_to_hf
+from sparse_llama.sparsity.masks import check_masks
+
+# (Hugging Face name, our params path, transposed). "{i}" marks a per-layer tensor, stored at
+# index i of the leading layer axis of our stacked param.
+TENSOR_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("model.embed_tokens.weight", ("embed_tokens",), False),
+    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm"), False),
+    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), True),
+    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), True),
+    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), True),
+    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), True),
+    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm"),
+     False),
+    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), True),
+    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj"), True),
+    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj"), True),
+    ("model.norm.weight", ("norm",), False),
+    ("lm_head.weight", ("lm_head",), True),
+)
+# Buffers some exporters include; they are recomputed from the config, never loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json")
+_SAVE_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB"
+
+
+class HFTensor(NamedTuple):
+    """Where one Hugging Face tensor lives in our params."""
+
+    path: tuple[str, ...]  # our params path
+    layer: int | None  # index on the stacked layer axis, None for unstacked params
+    transpose: bool
+    hf_shape: tuple[int, ...]  # the tensor's shape in the Hugging Face file
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def hf_tensor_names(config: LlamaConfig) -> dict[str, HFTensor]:
+    """Every Hugging Face tensor name of a `config` checkpoint -> where it lives in our params.
+
+    Ordered leaf by leaf (all layers of q_proj, then of k_proj, ...), the order save_hf writes.
+    `lm_head.weight` is absent when the embeddings are tied.
+    """
+    shapes = llama.param_shapes(config)
+    names = {}
+    for pattern, path, transpose in TENSOR_TABLE:
+        if path == ("lm_head",) and config.tie_word_embeddings:
+            continue
+        shape = _get(shapes, path)
+        per_layer = "{i}" in pattern
+        one = shape[1:] if per_layer else shape
+        hf_shape = tuple(reversed(one)) if transpose else tuple(one)
+        for i in range(config.num_layers) if per_layer else [None]:
+            names[pattern.format(i=i)] = HFTensor(path, i, transpose, hf_shape)
+    return names
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint dir (one file, or the shards of its index)."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map'")
+        files = [ckpt / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) {absent} that are not in {ckpt}")
+        return files
+    if (ckpt / "model.safetensors").exists():
+        return [ckpt / "model.safetensors"]
+    if list(ckpt.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"{ckpt} holds PyTorch pickle weights (pytorch_model*.bin); sparse_llama reads "
+            "safetensors only. Convert once with: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{ckpt}').save_pretrained('OUT_DIR')\"")
+    raise FileNotFoundError(f"{ckpt} has no model.safetensors and no "
+                            "model.safetensors.index.json")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read safetensors file {file} (corrupted header?): {e}") from e
+
+
+def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+    """(config, params) of a Hugging Face Llama checkpoint directory.
+
+    The directory holds `config.json` and `model.safetensors`, or shards listed by
+    `model.safetensors.index.json`. Params are `param_dtype`, laid out as in llama.py.
+    Every expected tensor must be present with its shape and no other tensor may be
+    (`*.rotary_emb.inv_freq` buffers excepted; a tied checkpoint's `lm_head.weight` is
+    ignored): an extra tensor means an architecture we would silently compute wrongly.
+    Raises FileNotFoundError (missing dir, config or weights) or ValueError (anything else),
+    naming the file or tensor at fault.
+    """
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt} has no config.json; is it a Hugging Face checkpoint?")
+    config = config_from_hf(_read_json(ckpt / "config.json"), source=str(ckpt))
+    expected = hf_tensor_names(config)
+    files = _weight_files(ckpt)
+
+    # Check every header before reading any data, so a bad checkpoint fails in seconds.
+    plan: dict[Path, list[str]] = {}
+    found, unexpected = set(), []
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (
+                        name == "lm_head.weight" and config.tie_word_embeddings):
+                    continue
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name].hf_shape:
+                    raise ValueError(f"tensor {name} in {file} has shape {shape}, expected "
+                                     f"{expected[name].hf_shape} from config.json")
+                found.add(name)
+                plan.setdefault(file, []).append(name)
+    if unexpected:
+        raise ValueError(f"{ckpt} has tensors a Llama does not: {sorted(unexpected)[:8]}")
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise ValueError(f"{ckpt} is missing tensor(s) {missing[:8]} ({len(missing)} in all)")
+
+    np_dtype = np.dtype(param_dtype)
+    host = jax.tree.map(lambda s: np.empty(s, np_dtype), llama.param_shapes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+    for file, names in plan.items():
+        with _open(file) as f:
+            for name in names:
+                where = expected[name]
+                try:
+                    t = f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"cannot read tensor {name} from {file}: {e}") from e
+                t = (t.T if where.transpose else t).astype(np_dtype, copy=False)
+                dest = _get(host, where.path)
+                if where.layer is None:
+                    dest[...] = t
+                else:
+                    dest[where.layer] = t
+    return config, _to_device(host)
+
+
+def _to_device(host: dict) -> dict:
+    """jax arrays of a numpy tree, popping each host leaf so the peak stays near one model."""
+    out = {}
+    for k in list(host):
+        v = host.pop(k)
+        out[k] = _to_device(v) if isinstance(v, dict) else jnp.asarray(v)
+    return out
+
+
+def _host_leaves(params: dict, masks, config: LlamaConfig, np_dtype):
+    """(Hugging Face name, numpy array) for every tensor, one params leaf in memory at a time."""
+    names = hf_tensor_names(config)
+    by_path: dict[tuple[str, ...], list[tuple[str, HFTensor]]] = {}
+    for name, where in names.items():
+        by_path.setdefault(where.path, []).append((name, where))
+    for path, entries in by_path.items():
+        w = np.asarray(jax.device_get(_get(params, path)))
+        if masks is not None:
+            m = np.asarray(jax.device_get(_get(masks, path)))
+            if not (m.ndim == 0 and m):
+                w = np.where(m, w, np.zeros((), w.dtype))  # pruned entries: exact zeros
+        w = w.astype(np_dtype, copy=False)
+        for name, where in entries:
+            t = w if where.layer is None else w[where.layer]
+            yield name, np.ascontiguousarray(t.T if where.transpose else t)
+        del w
+
+
+def _write_shards(tensors, out: Path, max_shard_bytes: int) -> None:
+    """Safetensors shards of at most max_shard_bytes (one bigger tensor gets its own shard)."""
+    shards: list[list[str]] = []
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        save_file(current, str(out / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+        shards.append(list(current))
+
+    for name, t in tensors:
+        if current and size + t.nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+        total += t.nbytes
+    flush()
+    if len(shards) == 1:
+        os.rename(out / "shard-00000.tmp", out / "model.safetensors")
+        return
+    weight_map = {}
+    for k, names in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(out / f"shard-{k:05d}.tmp", out / file)
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _check_params(params: dict, config: LlamaConfig) -> None:
+    shapes = llama.param_shapes(config)
+    got = jax.tree.map(lambda w: tuple(w.shape), params)
+    want_flat = dict(jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    got_flat = dict(jax.tree_util.tree_flatten_with_path(
+        got, is_leaf=lambda x: isinstance(x, tuple))[0])
+    if want_flat.keys() != got_flat.keys():
+        raise ValueError("params do not match the config: missing "
+                         f"{[jax.tree_util.keystr(k) for k in want_flat.keys() - got_flat.keys()]}"
+                         ", unexpected "
+                         f"{[jax.tree_util.keystr(k) for k in got_flat.keys() - want_flat.keys()]}")
+    for k, shape in want_flat.items():
+        if got_flat[k] != shape:
+            raise ValueError(f"param {jax.tree_util.keystr(k)} has shape {got_flat[k]}, the "
+                             f"config implies {shape}")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and the directory itself, so the rename publishes complete data even
+    if the machine (not just the process) goes down right after it."""
+    for f in root.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        # Replacing is a recursive delete: only ever do it to a previous checkpoint.
+        raise FileExistsError(f"{out} exists, is not empty and holds no config.json; refusing "
+                              "to replace it with a checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, masks=None,
+            tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            generation_config: dict | None = None) -> Path:
+    """Write a Hugging Face Llama checkpoint of `params` to `out_dir`; returns its path.
+
+    Files: config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
+    model.safetensors.index.json), generation_config.json (bos/eos of the config updated with
+    `generation_config`), and the tokenizer files found in `tokenizer_dir`.
+    masks: pytree like params (bool); pruned entries are written as exact zeros, so the dense
+      checkpoint loads anywhere (REFERENCES.md section 8).
+    dtype: stored dtype ('float32', 'bfloat16', 'float16'); None keeps the embedding's dtype.
+    The checkpoint is written to a temporary directory beside `out_dir` and renamed into place,
+    so a crash never leaves a partial checkpoint. An existing `out_dir` is replaced only if it
+    is empty or holds a config.json (a previous checkpoint); otherwise FileExistsError.
+    """
+    _check_params(params, config)
+    if masks is not None:
+        check_masks(params, masks)
+    dtype = dtype or np.dtype(params["embed_tokens"].dtype).name
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {_SAVE_DTYPES}, got {dtype!r}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    tok_files = []
+    if tokenizer_dir is not None:
+        tok_dir = Path(tokenizer_dir)
+        if not tok_dir.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {tok_dir} does not exist")
+        tok_files = [tok_dir / n for n in _TOKENIZER_FILES if (tok_dir / n).exists()]
+        if not tok_files:
+            raise FileNotFoundError(f"{tok_dir} holds none of the tokenizer files "
+                                    f"{list(_TOKENIZER_FILES)}")
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private to us
+        _write_shards(_host_leaves(params, masks, config, np.dtype(jnp.dtype(dtype))), tmp,
+                      max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               **(generation_config or {})}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for f in tok_files:
+            shutil.copy2(f, tmp / f.name)
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
