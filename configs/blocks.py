@@ -41,13 +41,31 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def data(seq_len: int = 128) -> ml_collections.ConfigDict:
-    """Training / evaluation data. Empty sources: the embedded default corpus."""
+    """Training / evaluation data (sparse_llama/data/pipeline.py).
+
+    What is read, in order of precedence: `path` (one source; its kind guessed from the file
+    names: .jsonl/.json -> jsonl, .parquet -> parquet, else text), else `sources`, else the
+    embedded corpus mixture {"text": default_prose 0.7, "code": default_code 0.3} (Python's own
+    stdlib sources and docs, no download). A source is {"kind", "path", "weight", and
+    optionally "text_field", "text_split"}; kind is text | jsonl | parquet | default_code |
+    default_prose (the last two take no path). Weights are normalised and are fractions of
+    training tokens. Validation: `eval_path` if set, else a held-out fraction of each source's
+    documents (by document id hash; the embedded corpus has its own fixed 3% split).
+    """
     return ml_collections.ConfigDict({
-        "sources": {},  # name -> {"path", "kind", "weight", "text_field"}
-        "path": "",  # shortcut: one text file or folder replaces the mixture
-        "eval_path": "",  # held-out text; default: the validation split of the sources
+        "sources": {},  # name -> {"kind", "path", "weight", "text_field", "text_split"}
+        "path": "",  # shortcut: one file or folder replaces the mixture
+        "eval_path": "",  # held-out data (same kinds as path); default: the sources' split
         "seq_len": seq_len,
         "tokenizer_path": "",  # default: the model's tokenizer, else the embedded BPE
+        "tokenizer_vocab_size": 0,  # embedded BPE size; 0: the model preset's vocab_size
+        "text_field": "text",  # jsonl key / parquet column holding the document
+        "text_split": "auto",  # text: file | blank_lines | auto (blank lines for one file)
+        "validation_fraction": 0.03,  # documents held out of path/sources without eval_path
+        "add_bos": True,  # start every document with BOS (when the tokenizer has one)
+        "shuffle_buffer": 128,  # rows shuffled together after mixing; 0: off
+        "num_threads": 1,  # threads reading + tokenizing documents, per source
+        "prefetch_batches": 2,  # batches prepared in a background thread; 0: off
     })
 
 

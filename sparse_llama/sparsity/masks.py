@@ -71,7 +71,7 @@ def combine_masks(old, new):
     return jax.tree.map(jnp.logical_and, old, new)
 
 
-def check_nm(mask: np.ndarray, n: int, m: int, axis: int = -1) -> bool:
+def check_nm(mask: np.ndarray | jax.Array, n: int, m: int, axis: int = -1) -> bool:
     """True when every group of m consecutive entries along `axis` has at least n zeros."""
     mask = np.moveaxis(np.asarray(mask), axis, -1)
     if mask.shape[-1] % m:

@@ -1,0 +1,142 @@
+"""The commands end to end, as a user runs them: eval, generate, prune; one-line errors.
+
+The checkpoint is made with transformers' own `save_pretrained` (not by our writer), and every
+number is checked against transformers on the same input.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hf_fixtures
+import numpy as np
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def last_json(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = hf_fixtures.build_hf_model(max_position_embeddings=256)
+    ckpt = hf_fixtures.save_hf_checkpoint(model, root / "ckpt")
+    text = root / "text.txt"
+    text.write_text(" ".join(hf_fixtures.SENTENCES * 30))
+    return model, ckpt, text
+
+
+def hf_perplexity(model, ckpt, text, seq_len):
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    ids = tok(text.read_text(), add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    windows = torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+    with torch.no_grad():
+        loss = model(windows, labels=windows).loss  # mean over the n * (seq_len - 1) targets
+    return math.exp(float(loss)), n * (seq_len - 1)
+
+
+def test_eval_matches_transformers_perplexity(checkpoint):
+    model, ckpt, text = checkpoint
+    out = last_json(run_cli("launch.eval", "--config=configs/eval.py",
+                            f"--config.model.hf_path={ckpt}", f"--config.data.eval_path={text}",
+                            "--config.data.seq_len=32", "--config.eval.batch_size=3"))
+    expected, tokens = hf_perplexity(model, ckpt, text, 32)
+    assert out["tokens"] == tokens
+    assert out["perplexity"] == pytest.approx(expected, rel=1e-4)  # far inside 0.5%
+
+
+def test_generate_matches_transformers_greedy(checkpoint):
+    model, ckpt, _ = checkpoint
+    out = last_json(run_cli("launch.generate", "--config=configs/generate.py",
+                            f"--config.model.hf_path={ckpt}", "--config.prompt=a llama walks",
+                            "--config.max_new_tokens=12"))
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    prompt = [tok.bos_token_id] + tok("a llama walks", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
+    assert out["tokens"] == ref
+    assert out["text"] == tok.decode(ref)
+
+
+def test_prune_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path):
+    model, ckpt, text = checkpoint
+    out_dir = tmp_path / "pruned"
+    out = last_json(run_cli(
+        "launch.prune", "--config=configs/prune.py:sparsegpt24", f"--config.model.hf_path={ckpt}",
+        f"--config.output_dir={out_dir}", f"--config.calibration.path={text}",
+        "--config.calibration.num_samples=8", "--config.calibration.seq_len=32",
+        f"--config.eval.path={text}", "--config.eval.seq_len=32"))
+    assert out["sparsity"] == pytest.approx(0.5)
+    assert out["output_dir"] == str(out_dir)
+    pruned = hf_fixtures.load_hf_model(out_dir)
+    for name, w in pruned.named_parameters():
+        if name.endswith("proj.weight"):
+            groups = (w.detach().numpy().reshape(w.shape[0], -1, 4) == 0).sum(-1)
+            assert (groups >= 2).all(), name  # 2:4 along the input dimension
+        else:
+            np.testing.assert_array_equal(w.detach().numpy(),
+                                          model.state_dict()[name].numpy())
+    report = json.loads((out_dir / "sparsity_report.json").read_text())
+    assert report["overall"] == pytest.approx(0.5)
+    expected, _ = hf_perplexity(pruned, out_dir, text, 32)
+    assert out["perplexity_after"] == pytest.approx(expected, rel=1e-4)
+    before, _ = hf_perplexity(model, ckpt, text, 32)
+    assert out["perplexity_before"] == pytest.approx(before, rel=1e-4)
+    from sparse_llama.sparsity import mask_io
+
+    masks = mask_io.load_masks(out_dir / "masks")
+    q = np.asarray(masks["layers"]["self_attn"]["q_proj"][0]).T  # stored (in, out)
+    np.testing.assert_array_equal(
+        q, pruned.model.layers[0].self_attn.q_proj.weight.detach().numpy() != 0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch.prune", "--config=configs/prune.py", "--config.pruning.sparsity=1.5"],
+     "pruning.sparsity=1.5 is outside [0, 1)"),
+    (["launch.prune", "--config=configs/prune.py", "--config.pruning.n=4",
+      "--config.pruning.m=2"], "0 < N < M"),
+    (["launch.prune", "--config=configs/prune.py", "--config.calibration.path=/nonexistent.txt"],
+     "calibration.path"),
+    (["launch.eval", "--config=configs/eval.py", "--config.data.eval_path=/nonexistent.txt"],
+     "data.eval_path"),
+    (["launch.eval", "--config=configs/eval.py"], "model.hf_path is empty"),
+    (["launch.generate", "--config=configs/generate.py", "--config.top_p=0"], "top_p"),
+])
+def test_user_errors_are_one_line(checkpoint, tmp_path, args, message):
+    _, ckpt, text = checkpoint
+    extra = [f"--config.model.hf_path={ckpt}"] if "hf_path is empty" not in message else []
+    if args[0] == "launch.prune":
+        extra.append(f"--config.output_dir={tmp_path / 'out'}")
+    if args[0] == "launch.eval" and "eval_path" not in message:
+        extra = []
+    proc = run_cli(*args, *extra)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_llama_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    proc = run_cli("launch.eval", "--config=configs/eval.py", f"--config.model.hf_path={tmp_path}",
+                   f"--config.data.eval_path={tmp_path / 'config.json'}")
+    assert proc.returncode == 2
+    assert "mistral" in proc.stderr and "Traceback" not in proc.stderr
