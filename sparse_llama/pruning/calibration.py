@@ -49,7 +49,9 @@ def corpus_stream(tokenizer: Tokenizer, num_tokens: int, seed: int) -> np.ndarra
     order = np.random.default_rng(seed).permutation(len(docs))
     pieces, total = [], 0
     for i in order:
-        ids = tokenizer.encode(docs[i]) + [tokenizer.eos_id]
+        # Documents framed as the training pipeline frames them: [BOS] text [EOS].
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        ids = bos + tokenizer.encode(docs[i]) + [tokenizer.eos_id]
         pieces.append(np.asarray(ids, np.int32))
         total += len(ids)
         if total >= num_tokens:
