@@ -1,0 +1,65 @@
+"""Calibration statistics of a linear layer's inputs, accumulated batch by batch.
+
+- Hessian for SparseGPT/GPTQ (REFERENCES.md section 2): H = (2/n) sum_k X_k X_k^T over the n
+  calibration *sequences* X_k (d x L), kept as a running average in float32 so that it never
+  depends on how the sequences were batched.
+- Squared input-feature norms for Wanda (section 3): sq_j = sum over all tokens of x_j^2, i.e.
+  ||X_j||_2^2; `wanda.prune_layer` takes this and the square root itself.
+
+Both are pure functions of (state, x_btd) -> state, so they can run inside a jitted forward
+(one state per hooked linear). States are NamedTuples of arrays, i.e. pytrees.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+class HessianState(NamedTuple):
+    hessian: Float[Array, "d d"]  # running (2/n) sum_k X_k X_k^T
+    count: Int[Array, ""]  # n: sequences seen so far
+
+
+class SqNormState(NamedTuple):
+    sq_norms: Float[Array, " d"]  # sum over tokens of x_j^2
+    tokens: Int[Array, ""]
+
+
+def init(d: int) -> HessianState:
+    """An empty Hessian accumulator for a layer with d inputs."""
+    return HessianState(jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def accumulate(state: HessianState, x_btd: Float[Array, "b t d"]) -> HessianState:
+    """Fold in a batch of b sequences of t tokens: H <- (n H + 2 sum_k X_k X_k^T) / (n + b)."""
+    b = x_btd.shape[0]
+    count = state.count + b
+    x = x_btd.reshape(-1, x_btd.shape[-1]).astype(jnp.float32)
+    # Full float32 products: TF32/bf16 passes on GPU would bias the small eigenvalues.
+    xtx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    old = state.count.astype(jnp.float32) / count.astype(jnp.float32)
+    hessian = state.hessian * old + xtx * (2.0 / count.astype(jnp.float32))
+    return HessianState(hessian, count)
+
+
+def finalize(state: HessianState) -> Float[Array, "d d"]:
+    """The (d, d) float32 Hessian (symmetrised: summation order can break exact symmetry)."""
+    return 0.5 * (state.hessian + state.hessian.T)
+
+
+def init_sq_norms(d: int) -> SqNormState:
+    return SqNormState(jnp.zeros((d,), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def accumulate_sq_norms(state: SqNormState, x_btd: Float[Array, "b t d"]) -> SqNormState:
+    """Add sum over the batch's tokens of x_j^2 (float32) to every input feature j."""
+    x = x_btd.astype(jnp.float32)
+    sq = state.sq_norms + jnp.sum(x * x, axis=(0, 1))
+    return SqNormState(sq, state.tokens + x_btd.shape[0] * x_btd.shape[1])
+
+
+def finalize_sq_norms(state: SqNormState) -> Float[Array, " d"]:
+    """(d,) ||X_j||_2^2 over all calibration tokens: the second argument of wanda.prune_layer."""
+    return state.sq_norms
