@@ -81,6 +81,10 @@ def train(steps: int = 200, batch_size: int = 16) -> ml_collections.ConfigDict:
         "checkpoint_every": 100,  # steps between checkpoints (0: only at the end)
         "keep_checkpoints": 3,  # newest checkpoints kept in <workdir>/checkpoints
         "seed": 0,  # params init, data order and the step rng
+        # Data shards of every global batch (0: one per process). Each process reads
+        # data_shards / process_count of them, so a fixed value gives the same data order, and
+        # the same result, on any number of processes.
+        "data_shards": 0,
         "export_hf": True,  # write <workdir>/hf at the end
     })
 

@@ -108,6 +108,9 @@ _LLAMA3_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+    # Deep enough for layerwise profiles (OWL) to matter, small enough to train in a test.
+    "mini": LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=4,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=512),
     "small": LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=4,
                          num_heads=8, num_kv_heads=4, max_position_embeddings=1024),
     "m100": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,

@@ -1,0 +1,46 @@
+"""Dense (pre)training of a Llama preset on the embedded corpus (or any text with data.path).
+
+    python -m launch.train --config=configs/dense.py:tiny --workdir=DIR
+
+Variants: `tiny` (default; preset tiny: d=64, 2 layers, vocab from the embedded 512-id BPE),
+`small` (preset small, 8192-id BPE), `m100` (preset m100; an accelerator run).
+Overrides: `--config.train.steps=...`, `--config.model.hf_path=DIR --config.data.path=FILE`
+(continue training a Hugging Face model on a text file), `--config.model.dtype=bfloat16`.
+The run resumes from DIR/checkpoints when it holds one and exports DIR/hf at the end.
+
+Measured (tiny, default settings: 1200 steps of 16 x 128 tokens = 2.5M tokens, one CPU
+device): about 70 s wall on a shared 2-core laptop-class CPU (~40k tokens/s), validation
+perplexity 22.0 on 8 x 16 x 128 held-out tokens of the embedded corpus, against 202 for the
+unigram distribution of the same 512-token BPE (train loss 3.05). The curve: 73 at step 200,
+46 at 400, 31 at 600, 26 at 800, 24 at 1000, 22 at 1200. Bit-exact on rerun (same seed).
+The last stdout line is {"step", "loss", "eval_perplexity", "tokens_per_s", "workdir", ...}.
+"""
+
+import ml_collections
+
+from configs import blocks
+
+_VARIANTS = {
+    # preset, seq_len, steps, batch, lr, warmup
+    "tiny": ("tiny", 128, 1200, 16, 3e-3, 30),
+    "small": ("small", 256, 2000, 32, 1e-3, 100),
+    "m100": ("m100", 1024, 20000, 64, 6e-4, 1000),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "tiny"
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/dense.py; choose one of "
+                         f"{sorted(_VARIANTS)}")
+    preset, seq_len, steps, batch, lr, warmup = _VARIANTS[variant]
+    config = ml_collections.ConfigDict()
+    config.model = blocks.model(preset)
+    config.mesh = blocks.mesh()
+    config.data = blocks.data(seq_len=seq_len)
+    config.train = blocks.train(steps=steps, batch_size=batch)
+    config.train.eval_every = max(steps // 6, 1)
+    config.train.checkpoint_every = max(steps // 3, 1)
+    config.optimizer = blocks.optimizer(lr=lr)
+    config.optimizer.warmup_steps = warmup
+    return config
