@@ -38,9 +38,9 @@ from sparse_llama.train.step import make_train_step
 # config -> (model, batch, seq_len). m25: 24.6M params with a 4096-token vocabulary.
 CONFIGS = {
     "tiny": (preset("tiny"), 16, 128),
-    "m25": (LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=6,
-                        num_heads=8, num_kv_heads=8, max_position_embeddings=1024), 8, 256),
+    "m25": (preset("m25"), 8, 256),
 }
+
 def fastest(fns: list, rounds: int = 3, steps: int = 4) -> list[float]:
     """Seconds of the fastest call of each fn, after one warm-up call each.
 

@@ -3,6 +3,7 @@
     python -m launch.train --config=configs/dense.py:tiny --workdir=DIR
 
 Variants: `tiny` (default; preset tiny: d=64, 2 layers, vocab from the embedded 512-id BPE),
+`m25` (preset m25: 24.6M params, 4096-id BPE; about an hour on a 2-core CPU),
 `small` (preset small, 8192-id BPE), `m100` (preset m100; an accelerator run).
 Overrides: `--config.train.steps=...`, `--config.model.hf_path=DIR --config.data.path=FILE`
 (continue training a Hugging Face model on a text file), `--config.model.dtype=bfloat16`.
@@ -23,6 +24,7 @@ from configs import blocks
 _VARIANTS = {
     # preset, seq_len, steps, batch, lr, warmup
     "tiny": ("tiny", 128, 1200, 16, 3e-3, 30),
+    "m25": ("m25", 256, 3000, 32, 1e-3, 100),
     "small": ("small", 256, 2000, 32, 1e-3, 100),
     "m100": ("m100", 1024, 20000, 64, 6e-4, 1000),
 }

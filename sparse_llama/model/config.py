@@ -111,6 +111,8 @@ PRESETS: dict[str, LlamaConfig] = {
     # Deep enough for layerwise profiles (OWL) to matter, small enough to train in a test.
     "mini": LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=4,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+    "m25": LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=6,
+                       num_heads=8, num_kv_heads=8, max_position_embeddings=1024),
     "small": LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=4,
                          num_heads=8, num_kv_heads=4, max_position_embeddings=1024),
     "m100": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
