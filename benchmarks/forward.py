@@ -8,7 +8,6 @@ FLOP/s of one plain `jnp.dot` of a similar size measured in the same run (this C
 matmul peak). The last stdout line is {"benchmark": "forward", "rows": [...]}.
 """
 
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from peak_report import emit, matmul_peak
 
 from sparse_llama.model import hf_config, llama
 from sparse_llama.model.config import matmul_flops_per_token, preset
@@ -32,14 +32,6 @@ def best_time(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
-
-
-def matmul_peak(m: int, k: int, n: int) -> float:
-    a = jnp.ones((m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    seconds = best_time(lambda: dot(a, b).block_until_ready(), repeats=10)
-    return 2 * m * k * n / seconds
 
 
 def to_hf_model(params, config) -> transformers.LlamaForCausalLM:
@@ -89,17 +81,13 @@ def main():
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     # The m100 forward's two largest matmul shapes; the faster one is this CPU's peak.
-    peak = max(matmul_peak(1024, 768, 2048), matmul_peak(1024, 768, 32000))
+    peak = matmul_peak([(1024, 768, 2048), (1024, 768, 32000)])
     rows = [bench(name, peak) for name in SHAPES]
     print(f"threads={threads}  jnp.dot peak: {peak / 1e9:.1f} GFLOP/s")
-    cols = ["config", "params_m", "batch", "seq_len", "ours_tokens_per_s",
-            "reference_tokens_per_s", "speedup", "peak_fraction", "reference_peak_fraction"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
-    print(json.dumps({"benchmark": "forward", "threads": threads,
-                      "matmul_peak_gflops": round(peak / 1e9, 2), "rows": rows}))
-
+    emit("forward", rows, ["config", "params_m", "batch", "seq_len", "ours_tokens_per_s",
+                           "reference_tokens_per_s", "speedup", "peak_fraction",
+                           "reference_peak_fraction"],
+         threads=threads, matmul_peak_gflops=round(peak / 1e9, 2))
 
 if __name__ == "__main__":
     main()

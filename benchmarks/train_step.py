@@ -17,7 +17,6 @@ shared CPU the median mostly measures the other processes. The last stdout line 
 {"benchmark": "train_step", "rows": [...]}.
 """
 
-import json
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from peak_report import emit, matmul_peak
 
 from configs import blocks
 from sparse_llama.model import hf_io, llama
@@ -58,13 +58,6 @@ def fastest(fns: list, rounds: int = 3, steps: int = 4) -> list[float]:
                 fn()
                 t.append(time.perf_counter() - start)
     return [min(t) for t in times]
-
-
-def matmul_peak(m: int, k: int, n: int) -> float:
-    a = jnp.ones((m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    return 2 * m * k * n / fastest([lambda: dot(a, b).block_until_ready()], rounds=1, steps=20)[0]
 
 
 def make_batch(config: LlamaConfig, batch: int, seq_len: int) -> dict:
@@ -147,19 +140,14 @@ def main():
     config, batch_size, seq_len = CONFIGS["m25"]
     m = batch_size * seq_len
     # The m25 step's largest matmul shapes (MLP and output projection); the faster is the peak.
-    peak = max(matmul_peak(m, config.hidden_size, config.intermediate_size),
-               matmul_peak(m, config.hidden_size, config.vocab_size))
+    peak = matmul_peak([(m, config.hidden_size, config.intermediate_size),
+                        (m, config.hidden_size, config.vocab_size)])
     rows = [bench(name, peak) for name in CONFIGS]
     print(f"threads={threads}  devices={jax.devices()}  jnp.dot peak: {peak / 1e9:.1f} GFLOP/s")
-    cols = ["config", "params_m", "batch", "seq_len", "ours_tokens_per_s",
-            "reference_tokens_per_s", "speedup", "peak_fraction", "reference_peak_fraction",
-            "first_loss_diff"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
-    print(json.dumps({"benchmark": "train_step", "threads": threads,
-                      "matmul_peak_gflops": round(peak / 1e9, 2), "rows": rows}))
-
+    emit("train_step", rows, ["config", "params_m", "batch", "seq_len", "ours_tokens_per_s",
+                              "reference_tokens_per_s", "speedup", "peak_fraction",
+                              "reference_peak_fraction", "first_loss_diff"],
+         threads=threads, matmul_peak_gflops=round(peak / 1e9, 2))
 
 if __name__ == "__main__":
     main()
