@@ -114,6 +114,8 @@ def test_prune_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path):
       "--config.pruning.m=2"], "0 < N < M"),
     (["launch.prune", "--config=configs/prune.py", "--config.calibration.path=/nonexistent.txt"],
      "calibration.path"),
+    (["launch.prune", "--config=configs/prune.py", "--config.calibration.seq_len=4096"],
+     "calibration.seq_len=4096 exceeds the model's context of 256 tokens"),
     (["launch.eval", "--config=configs/eval.py", "--config.data.eval_path=/nonexistent.txt"],
      "data.eval_path"),
     (["launch.eval", "--config=configs/eval.py"], "model.hf_path is empty"),

@@ -56,6 +56,7 @@ def evaluate_text(bundle: loading.ModelBundle, tokenizer, text: str, seq_len: in
 
 def run(config: ml_collections.ConfigDict) -> dict:
     check_eval_config(config)
+    perplexity.check_seq_len(config.data.seq_len, loading.model_config(config.model))
     start = time.time()
     bundle = loading.load_model(config.model)
     tokenizer = load_tokenizer(config.data.tokenizer_path or config.model.hf_path)

@@ -74,8 +74,21 @@ def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
     return profiles.owl(ratios, p.sparsity, p.owl_lambda)
 
 
+def check_against_model(config: ml_collections.ConfigDict) -> None:
+    """Window lengths against the model's context, from config.json alone (no weights)."""
+    model = loading.model_config(config.model)
+    checks = [("calibration.seq_len", config.calibration.seq_len)]
+    if config.eval.path:
+        checks.append(("eval.seq_len", config.eval.seq_len))
+    for key, seq_len in checks:
+        if seq_len > model.max_position_embeddings:
+            raise ValueError(f"{key}={seq_len} exceeds the model's context of "
+                             f"{model.max_position_embeddings} tokens; lower {key}")
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     check_prune_config(config)
+    check_against_model(config)
     start = time.time()
     model_cfg = config.model
     bundle = loading.load_model(model_cfg)
