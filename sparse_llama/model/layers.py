@@ -74,7 +74,8 @@ def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"]
     vh = jnp.transpose(v, (0, 2, 1, 3))[:, :, None]  # b k 1 s e
     scores = jnp.matmul(qh, kh, preferred_element_type=jnp.float32) * (e ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    # The shift only guards exp against overflow; it cancels in the ratio, so no gradient.
+    scores = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     probs = (scores / jnp.sum(scores, axis=-1, keepdims=True)).astype(v.dtype)
     out = jnp.matmul(probs, vh)  # b k g t e
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, e)
