@@ -116,6 +116,10 @@ def test_prune_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path):
      "calibration.path"),
     (["launch.prune", "--config=configs/prune.py", "--config.calibration.seq_len=4096"],
      "calibration.seq_len=4096 exceeds the model's context of 256 tokens"),
+    (["launch.prune", "--config=configs/prune.py", "--config.pruning.profile=list",
+      "--config.pruning.layer_sparsities=(0.5,)"], "one sparsity per decoder block"),
+    (["launch.prune", "--config=configs/prune.py", "--config.pruning.owl_lambda=2.0"],
+     "pruning.owl_lambda=2.0"),
     (["launch.eval", "--config=configs/eval.py", "--config.data.eval_path=/nonexistent.txt"],
      "data.eval_path"),
     (["launch.eval", "--config=configs/eval.py"], "model.hf_path is empty"),
@@ -134,6 +138,26 @@ def test_user_errors_are_one_line(checkpoint, tmp_path, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_pruning_into_the_source_checkpoint_is_refused(checkpoint):
+    _, ckpt, _ = checkpoint
+    proc = run_cli("launch.prune", "--config=configs/prune.py", f"--config.model.hf_path={ckpt}",
+                   f"--config.output_dir={ckpt}/")
+    assert proc.returncode == 2 and "replace the dense checkpoint" in proc.stderr
+    assert (ckpt / "model.safetensors").exists()
+
+
+def test_prune_on_eight_devices_with_a_partial_last_micro_batch(checkpoint, tmp_path):
+    _, ckpt, text = checkpoint
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.prune", "--config=configs/prune.py",
+         f"--config.model.hf_path={ckpt}", f"--config.output_dir={tmp_path / 'o'}",
+         f"--config.calibration.path={text}", "--config.calibration.num_samples=12",
+         "--config.calibration.seq_len=32"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert last_json(proc)["sparsity"] == pytest.approx(0.5)
 
 
 def test_non_llama_checkpoint_is_refused(tmp_path):

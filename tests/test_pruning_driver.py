@@ -140,6 +140,10 @@ def test_calibration_windows(tmp_path):
         assert np.array_equal(row, stream[row[0]:row[0] + 32] if row[0] + 32 <= 97 else row)
     with pytest.raises(ValueError, match="too few calibration tokens"):
         calibration.sample_windows(stream[:20], 8, 32, seed=0)
+    exact = calibration.sample_windows(stream[:32], 2, 32, seed=0)  # one window fits exactly
+    assert np.array_equal(exact[0], stream[:32])
+    starts = calibration.sample_windows(np.arange(40), 1000, 32, seed=0)[:, 0]
+    assert starts.min() == 0 and starts.max() == 8  # every valid start can be drawn
     good = tmp_path / "cal.npy"
     np.save(good, np.ones((4, 16), np.int64))
     assert calibration.windows_from_npy(str(good), 100).dtype == np.int32

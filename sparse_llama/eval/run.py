@@ -39,7 +39,7 @@ def evaluate_text(bundle: loading.ModelBundle, tokenizer, text: str, seq_len: in
     params = sharding.shard(bundle.params, sharding.param_shardings(bundle.params, mesh, rules))
     if masks is not None:
         masks = sharding.shard(masks, sharding.param_shardings(masks, mesh, rules))
-    data_width = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_width = sharding.batch_width(mesh, rules)
     batch_size = -(-batch_size // data_width) * data_width
     bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=jax.process_index() != 0)
 

@@ -121,6 +121,11 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, para
         is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def batch_width(mesh: Mesh, rules: Mapping) -> int:
+    """How many ways the batch axis is split (a batch must be a multiple of this)."""
+    return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping, ndim: int = 2) -> NamedSharding:
     """Leading (batch) axis over the rule for 'batch', the rest replicated."""
     axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)

@@ -8,6 +8,7 @@ training split of the embedded corpus (prose and code documents in a seeded orde
 import os
 
 import numpy as np
+from absl import logging
 
 from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import Tokenizer
@@ -32,12 +33,16 @@ def sample_windows(stream: np.ndarray, num_samples: int, seq_len: int, seed: int
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 2, got "
                          f"{num_samples} and {seq_len}")
-    if stream.shape[0] < seq_len + 1:
+    if stream.shape[0] < seq_len:
         raise ValueError(f"too few calibration tokens: {stream.shape[0]} tokens cannot fill one "
                          f"window of seq_len={seq_len}; give more text or lower "
                          "calibration.seq_len")
+    if num_samples * seq_len > stream.shape[0]:
+        logging.warning("calibration: %d windows of %d tokens drawn from only %d tokens; the "
+                        "windows overlap heavily (give more text for a better estimate)",
+                        num_samples, seq_len, stream.shape[0])
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, stream.shape[0] - seq_len, size=num_samples)
+    starts = rng.integers(0, stream.shape[0] - seq_len + 1, size=num_samples)
     return np.stack([stream[s:s + seq_len] for s in starts]).astype(np.int32)
 
 

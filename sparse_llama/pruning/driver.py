@@ -106,6 +106,8 @@ class _Activations:
     def place(self, x):
         if self.mesh is None:
             return x
+        if x.shape[0] % sharding.batch_width(self.mesh, self.rules):
+            return x  # a last, partial micro-batch that does not split evenly: not sharded
         return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, ndim=3))
 
     def stats(self, p, config, groups, kind) -> dict:

@@ -39,6 +39,14 @@ def check_prune_config(config: ml_collections.ConfigDict) -> None:
                          "use n=m=0 for unstructured")
     if p.n and p.profile != "uniform":
         raise ValueError("an N:M pattern fixes the sparsity at N/M; use pruning.profile=uniform")
+    if not 0 <= p.owl_lambda < 1 or p.owl_m <= 0:
+        raise ValueError(f"pruning.owl_lambda={p.owl_lambda} must be in [0, 1) and "
+                         f"pruning.owl_m={p.owl_m} positive (defaults 0.08 and 5)")
+    if p.block_size < 1 or (p.m and p.block_size % p.m):
+        raise ValueError(f"pruning.block_size={p.block_size} must be positive and a multiple "
+                         f"of pruning.m={p.m} (default 128)")
+    if p.dampening <= 0:
+        raise ValueError(f"pruning.dampening={p.dampening} must be positive (default 0.01)")
     for key, value in dict(p.module_sparsity).items():
         profiles.check_sparsity(float(value), f"pruning.module_sparsity.{key}")
     c = config.calibration
@@ -55,6 +63,10 @@ def check_prune_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("output_dir is empty; pass --config.output_dir=DIR for the pruned model")
     if os.path.isfile(config.output_dir):
         raise FileExistsError(f"output_dir={config.output_dir!r} is a file")
+    if config.model.hf_path and (os.path.realpath(config.output_dir)
+                                 == os.path.realpath(config.model.hf_path)):
+        raise ValueError("output_dir is model.hf_path: writing there would replace the dense "
+                         "checkpoint being pruned; choose another --config.output_dir")
 
 
 def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
@@ -77,6 +89,8 @@ def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
 def check_against_model(config: ml_collections.ConfigDict) -> None:
     """Window lengths against the model's context, from config.json alone (no weights)."""
     model = loading.model_config(config.model)
+    if config.pruning.profile == "list" and not config.pruning.n:
+        profiles.explicit(list(config.pruning.layer_sparsities), model.num_layers)
     checks = [("calibration.seq_len", config.calibration.seq_len)]
     if config.eval.path:
         checks.append(("eval.seq_len", config.eval.seq_len))
