@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=600)
 
 
 def last_json(proc) -> dict:
@@ -151,12 +151,10 @@ def test_pruning_into_the_source_checkpoint_is_refused(checkpoint):
 def test_prune_on_eight_devices_with_a_partial_last_micro_batch(checkpoint, tmp_path):
     _, ckpt, text = checkpoint
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.prune", "--config=configs/prune.py",
-         f"--config.model.hf_path={ckpt}", f"--config.output_dir={tmp_path / 'o'}",
-         f"--config.calibration.path={text}", "--config.calibration.num_samples=12",
-         "--config.calibration.seq_len=32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli("launch.prune", "--config=configs/prune.py", f"--config.model.hf_path={ckpt}",
+                   f"--config.output_dir={tmp_path / 'o'}", f"--config.calibration.path={text}",
+                   "--config.calibration.num_samples=12", "--config.calibration.seq_len=32",
+                   env=env)
     assert last_json(proc)["sparsity"] == pytest.approx(0.5)
 
 

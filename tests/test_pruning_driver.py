@@ -40,7 +40,7 @@ def test_every_target_is_pruned_exactly_and_the_rest_stays_dense(model, method, 
     for path, w in jax.tree_util.tree_flatten_with_path(pruned)[0]:
         name = masks_lib.path_name(path)
         if not masks_lib.is_target(name):
-            np.testing.assert_array_equal(w, masks_lib.path_name and _get(params, path))
+            np.testing.assert_array_equal(w, _get(params, path))
     zeros = jax.tree.map(lambda w, m: bool(jnp.all(jnp.where(m, True, w == 0))), pruned, masks)
     assert all(jax.tree.leaves(zeros))
     assert "all" in format_report(report)

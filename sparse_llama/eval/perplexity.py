@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from sparse_llama.model import llama, sharding
-from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.config import LlamaConfig, check_context
+from sparse_llama.train.loss import token_nll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,18 +40,11 @@ def token_windows(token_ids, seq_len: int) -> np.ndarray:
     return token_ids[: n * seq_len].reshape(n, seq_len)
 
 
-def check_seq_len(seq_len: int, config: LlamaConfig) -> None:
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens; lower data.seq_len")
-
-
 def window_nll(params: dict, windows: Int[Array, "b t"], weights: Float[Array, " b"],
                config: LlamaConfig, masks=None) -> Float[Array, ""]:
     """Sum over windows (weighted 0/1, for padding) of the summed next-token NLL."""
     logits = llama.forward(params, windows, config, masks)[:, :-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
+    nll = token_nll(logits, windows[:, 1:])
     return jnp.sum(nll.sum(axis=-1) * weights)
 
 
@@ -67,7 +61,7 @@ def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
     With a mesh, batches are sharded over the rule for 'batch' (padded with zero-weight
     windows to a multiple of the batch size); params are expected to be placed already.
     """
-    check_seq_len(windows.shape[1], config)
+    check_context(windows.shape[1], config)
     n = windows.shape[0]
     padded = math.ceil(n / batch_size) * batch_size
     all_windows = np.zeros((padded, windows.shape[1]), np.int32)

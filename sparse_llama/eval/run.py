@@ -10,13 +10,12 @@ from tqdm import tqdm
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import perplexity
 from sparse_llama.model import loading, sharding
+from sparse_llama.model.config import check_context
 
 
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
     loading.check_model_section(config.model)
-    if not config.model.hf_path:
-        raise ValueError("model.hf_path is empty; pass --config.model.hf_path=DIR (a Hugging "
-                         "Face Llama directory with its tokenizer)")
+    loading.require_hf_path(config.model)
     if not config.data.eval_path:
         raise ValueError("data.eval_path is empty; pass --config.data.eval_path=FILE (a text "
                          "file to evaluate)")
@@ -32,7 +31,7 @@ def evaluate_text(bundle: loading.ModelBundle, tokenizer, text: str, seq_len: in
                   batch_size: int, mesh_cfg: ml_collections.ConfigDict, masks=None,
                   desc: str = "eval") -> perplexity.PerplexityResult:
     """Tokenize `text` once, shard the model over the mesh and compute its perplexity."""
-    perplexity.check_seq_len(seq_len, bundle.config)
+    check_context(seq_len, bundle.config)
     windows = perplexity.token_windows(tokenizer.encode(text), seq_len)
     mesh = sharding.make_mesh(mesh_cfg)
     rules = sharding.rules_from_config(mesh_cfg)
@@ -56,7 +55,7 @@ def evaluate_text(bundle: loading.ModelBundle, tokenizer, text: str, seq_len: in
 
 def run(config: ml_collections.ConfigDict) -> dict:
     check_eval_config(config)
-    perplexity.check_seq_len(config.data.seq_len, loading.model_config(config.model))
+    check_context(config.data.seq_len, loading.model_config(config.model))
     start = time.time()
     bundle = loading.load_model(config.model)
     tokenizer = load_tokenizer(config.data.tokenizer_path or config.model.hf_path)

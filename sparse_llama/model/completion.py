@@ -10,9 +10,7 @@ from sparse_llama.model import generate, loading
 
 def check_generate_config(config: ml_collections.ConfigDict) -> None:
     loading.check_model_section(config.model)
-    if not config.model.hf_path:
-        raise ValueError("model.hf_path is empty; pass --config.model.hf_path=DIR (a Hugging "
-                         "Face Llama directory with its tokenizer)")
+    loading.require_hf_path(config.model)
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {config.max_new_tokens}")
     if config.temperature < 0:

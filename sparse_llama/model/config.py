@@ -85,6 +85,14 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_context(seq_len: int, config: LlamaConfig, key: str = "data.seq_len") -> None:
+    """Refuse windows longer than the model's context, naming the config key to lower."""
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"{key}={seq_len} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens (max_position_embeddings); "
+                         f"set --config.{key} to at most {config.max_position_embeddings}")
+
+
 def param_count(config: LlamaConfig) -> int:
     """Number of parameters, by formula (tests check it against `jax.eval_shape`)."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size

@@ -38,6 +38,13 @@ def check_model_section(model_cfg: ml_collections.ConfigDict) -> None:
         preset(model_cfg.preset)  # raises with the list of presets
 
 
+def require_hf_path(model_cfg: ml_collections.ConfigDict) -> None:
+    """For commands that need a real checkpoint (and its tokenizer), not a preset."""
+    if not model_cfg.hf_path:
+        raise ValueError("model.hf_path is empty; pass --config.model.hf_path=DIR (a Hugging "
+                         "Face Llama directory with its tokenizer)")
+
+
 def apply_overrides(config: LlamaConfig, model_cfg: ml_collections.ConfigDict) -> LlamaConfig:
     """Execution settings from the run config on top of the architecture."""
     changes = {"dtype": model_cfg.dtype}

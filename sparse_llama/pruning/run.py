@@ -18,6 +18,7 @@ from tqdm import tqdm
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import run as eval_run
 from sparse_llama.model import hf_io, loading, sharding
+from sparse_llama.model.config import check_context
 from sparse_llama.pruning import calibration, driver, profiles
 from sparse_llama.sparsity import mask_io
 from sparse_llama.sparsity import masks as masks_lib
@@ -95,9 +96,7 @@ def check_against_model(config: ml_collections.ConfigDict) -> None:
     if config.eval.path:
         checks.append(("eval.seq_len", config.eval.seq_len))
     for key, seq_len in checks:
-        if seq_len > model.max_position_embeddings:
-            raise ValueError(f"{key}={seq_len} exceeds the model's context of "
-                             f"{model.max_position_embeddings} tokens; lower {key}")
+        check_context(seq_len, model, key)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -8,7 +8,6 @@ the tokenizer's vocabulary) are the `check_*` functions the loop calls once thos
 import ml_collections
 
 from sparse_llama.model import loading
-from sparse_llama.model.config import LlamaConfig
 
 _SECTIONS = {"model": "blocks.model()", "mesh": "blocks.mesh()", "data": "blocks.data()",
              "train": "blocks.train()", "optimizer": "blocks.optimizer()"}
@@ -86,10 +85,3 @@ def check_batch_layout(batch_size: int, grad_accum: int, batch_devices: int,
         raise ValueError(f"train.batch_size={batch_size} does not split into {shards} data "
                          f"shards; make it a multiple of {shards} (or change train.data_shards)")
 
-
-def check_seq_len(seq_len: int, config: LlamaConfig) -> None:
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's context of "
-                         f"{config.max_position_embeddings} tokens (max_position_embeddings); "
-                         f"set --config.data.seq_len to at most "
-                         f"{config.max_position_embeddings}")

@@ -23,7 +23,7 @@ from absl import logging
 from sparse_llama.data import pipeline
 from sparse_llama.data.tokenizer import check_vocab, default_tokenizer, load_tokenizer
 from sparse_llama.model import loading, sharding
-from sparse_llama.model.config import LlamaConfig, preset
+from sparse_llama.model.config import LlamaConfig, check_context, preset
 from sparse_llama.optim.factory import make_optimizer
 from sparse_llama.train import config_checks, export
 from sparse_llama.train import state as state_lib
@@ -62,7 +62,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer) -> LlamaC
     else:
         model = loading.model_config(config.model, vocab_size=tokenizer.vocab_size)
     check_vocab(tokenizer, model.vocab_size)
-    config_checks.check_seq_len(config.data.seq_len, model)
+    check_context(config.data.seq_len, model)
     return model
 
 
