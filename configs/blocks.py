@@ -49,8 +49,13 @@ def data(seq_len: int = 128) -> ml_collections.ConfigDict:
     stdlib sources and docs, no download). A source is {"kind", "path", "weight", and
     optionally "text_field", "text_split"}; kind is text | jsonl | parquet | default_code |
     default_prose (the last two take no path). Weights are normalised and are fractions of
-    training tokens. Validation: `eval_path` if set, else a held-out fraction of each source's
-    documents (by document id hash; the embedded corpus has its own fixed 3% split).
+    training tokens. A text file is one token stream, a folder's files are documents, and
+    JSONL / Parquet records are documents ([BOS] text EOS, no attention across them). Every
+    source is tokenized once (cached in `token_cache`) and cut into non-overlapping `seq_len`
+    windows, shuffled globally (a new permutation each epoch). Validation: `eval_path` if set,
+    else a held-out fraction of each source's documents (by document id hash; the embedded
+    corpus has its own fixed 3% split), or of a single text file the last fraction of its
+    tokens.
     """
     return ml_collections.ConfigDict({
         "sources": {},  # name -> {"kind", "path", "weight", "text_field", "text_split"}
@@ -60,11 +65,14 @@ def data(seq_len: int = 128) -> ml_collections.ConfigDict:
         "tokenizer_path": "",  # default: the model's tokenizer, else the embedded BPE
         "tokenizer_vocab_size": 0,  # embedded BPE size; 0: the model preset's vocab_size
         "text_field": "text",  # jsonl key / parquet column holding the document
-        "text_split": "auto",  # text: file | blank_lines | auto (blank lines for one file)
-        "validation_fraction": 0.03,  # documents held out of path/sources without eval_path
-        "add_bos": True,  # start every document with BOS (when the tokenizer has one)
-        "shuffle_buffer": 128,  # rows shuffled together after mixing; 0: off
-        "num_threads": 1,  # threads reading + tokenizing documents, per source
+        # text: auto / file (a file is one document: pretraining text is a stream) |
+        # blank_lines (every blank-line separated block is its own BOS-framed document)
+        "text_split": "auto",
+        "validation_fraction": 0.03,  # documents (or a single file's tail) held out
+        "add_bos": True,  # start every document (a text file: the file) with BOS, if any
+        "shuffle": True,  # global window shuffle; False: windows in stream order
+        "token_cache": "",  # tokenized sources; "": $SPARSE_LLAMA_CACHE/tokens
+        "num_threads": 1,  # threads reading + tokenizing documents, once per source
         "prefetch_batches": 2,  # batches prepared in a background thread; 0: off
     })
 
@@ -73,6 +81,7 @@ def train(steps: int = 200, batch_size: int = 16) -> ml_collections.ConfigDict:
     """The training loop (sparse_llama/train/loop.py). Steps count optimizer updates."""
     return ml_collections.ConfigDict({
         "steps": steps,  # total optimizer updates (the schedule ends here)
+        "objective": "lm",  # what the step minimises (sparse_llama/train/objectives.py)
         "batch_size": batch_size,  # global sequences per update, summed over processes
         "grad_accum": 1,  # micro-batches per update (batch_size must divide by it)
         "eval_every": 100,  # steps between evaluations (0: only at the end)
@@ -100,4 +109,58 @@ def optimizer(lr: float = 3e-3) -> ml_collections.ConfigDict:
         "b2": 0.95,
         "eps": 1e-8,
         "clip_norm": 1.0,  # global gradient norm; 0 disables clipping
+    })
+
+
+def sparsity(keep: bool = False) -> ml_collections.ConfigDict:
+    """Which mask training keeps (sparse_llama/train/sparse_start.py, optim/keep_sparse.py)."""
+    return ml_collections.ConfigDict({
+        "keep": keep,  # True: pruned weights, their gradients and moments stay exactly 0
+        "masks_path": "",  # "" = <model.hf_path>/masks if present, else the weights' zeros
+        "init": "",  # "" | random | magnitude: a static mask chosen at the start (SPDF)
+        "sparsity": 0.0,  # with init: the fraction pruned in every target matrix
+        "release": False,  # a dense run that knowingly trains a sparse start's zeros (SPDF)
+    })
+
+
+def train_stage(tokens: float, *, lr: float, batch_size: int, warmup_steps: int,
+                sparse: bool) -> ml_collections.ConfigDict:
+    """A recipe's training stage (sparse_llama/recipes/stages.py): `tokens` of training on
+    the recipe's data, with its own loop and optimizer settings."""
+    stage = ml_collections.ConfigDict({
+        "kind": "train",
+        "tokens": tokens,  # token budget: steps = tokens / (batch_size * data.seq_len)
+        "sparse": sparse,  # keep the previous stage's mask (sparsity.keep)
+        "release": False,  # a dense stage that knowingly trains a sparse start's zeros
+        "mask_init": "",  # "" | random | magnitude: a static mask at the start (SPDF)
+        "mask_sparsity": 0.0,  # with mask_init: the fraction pruned in every matrix
+        "data_path": "",  # this stage trains on this file or folder ("" = the recipe's data)
+    })
+    stage.train = train(steps=1, batch_size=batch_size)
+    stage.train.eval_batches = 0  # stages are measured by the recipe (launch.eval protocol)
+    stage.train.export_hf = True
+    stage.optimizer = optimizer(lr=lr)
+    stage.optimizer.warmup_steps = warmup_steps
+    return stage
+
+
+def prune_stage(sparsity: float, *, method: str = "sparsegpt", profile: str = "uniform",
+                num_samples: int = 128, seq_len: int = 2048) -> ml_collections.ConfigDict:
+    """A recipe's one-shot pruning stage: `pruning` and `calibration` keys as configs/prune.py;
+    the calibration windows are drawn from the recipe's training mixture."""
+    return ml_collections.ConfigDict({
+        "kind": "prune",
+        "pruning": {"method": method, "sparsity": sparsity, "profile": profile,
+                    "keep_zeros": True},  # extending a mask keeps its old zeros
+        "calibration": {"num_samples": num_samples, "seq_len": seq_len, "seed": 0,
+                        "batch_size": 8},
+    })
+
+
+def recipe_eval(seq_len: int, max_chars: int = 0) -> ml_collections.ConfigDict:
+    """How a recipe measures each stage: launch.eval's perplexity on the eval text."""
+    return ml_collections.ConfigDict({
+        "seq_len": seq_len,  # window length of the perplexity windows
+        "batch_size": 8,
+        "max_chars": max_chars,  # default data: cap on the held-out text (0: all of it)
     })

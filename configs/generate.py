@@ -3,12 +3,15 @@
     python -m launch.generate --config=configs/generate.py \
         --config.model.hf_path=DIR --config.prompt="def fibonacci(n):" --config.max_new_tokens=64
 
-Sampling: --config.temperature=0.8 --config.top_p=0.95 --config.seed=1. The prompt is prefilled
-once, then one token per step until max_new_tokens or the tokenizer's EOS.
+Sampling: --config.temperature=0.8 --config.top_p=0.95 --config.seed=1. The prompt is encoded
+as transformers encodes it (the tokenizer's post-processor decides about BOS;
+--config.add_bos=True/False overrides), prefilled once, then one token per step until
+max_new_tokens or any EOS id of generation_config.json (else config.json) or the tokenizer's.
 Last stdout line: {"text": completion only, "tokens": completion token ids, ...}.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import blocks
 
@@ -18,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = blocks.model()
     config.prompt = ""
-    config.add_bos = True  # prepend the tokenizer's BOS, as Llama chat/base models expect
+    # Unset: the tokenizer's post-processor decides (as transformers' `tok(prompt)`); True /
+    # False force a leading BOS on or off.
+    config.add_bos = config_dict.placeholder(bool)
     config.max_new_tokens = 32
     config.temperature = 0.0  # 0: greedy
     config.top_p = 1.0

@@ -6,8 +6,9 @@
 Variants: `configs/prune.py:sparsegpt50` (default), `:sparsegpt24` (2:4), `:sparsegpt70_owl`
 (70% with OWL layer profile), `:wanda50`, `:magnitude50`. Override anything with
 --config.pruning.sparsity=0.6 etc. Calibration defaults to 128 windows of 2048 tokens, seed 0
-(REFERENCES.md section 1), from the embedded corpus unless calibration.path names a text file
-or a .npy of token ids (num_samples, seq_len).
+(docs/algorithms.md, "Calibration and the sequential driver"), from the embedded corpus unless
+calibration.path names a text file or a .npy of token ids (num_samples, seq_len). A text with
+fewer than num_samples x seq_len tokens is refused unless calibration.allow_overlap=True.
 
 Cost: SparseGPT on Llama-2-7B is about rows*in^2 flops per linear plus one forward per block
 over the calibration set: minutes on one GPU. Expected (published, Llama-2-7B wikitext2, dense
@@ -42,8 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "n": 0,  # N:M pattern (n pruned in every m consecutive inputs); 0:0 = unstructured
         "m": 0,
         "profile": "uniform",  # uniform | owl | list
-        "owl_m": 5.0,  # OWL outlier threshold M (REFERENCES.md section 4)
-        "owl_lambda": 0.08,  # OWL: layer sparsities within [S - lambda, S + lambda]
+        "owl_m": 5.0,  # OWL outlier threshold M (docs/algorithms.md, "OWL")
+        "owl_lambda": 0.08,  # OWL: layer sparsities span 2 lambda around their mean S
         "layer_sparsities": (),  # profile=list: one value per decoder block
         "module_sparsity": {},  # overrides by module, e.g. {"down_proj": 0.5}
         "block_size": 128,  # SparseGPT column block
@@ -58,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "seq_len": 2048,
         "seed": 0,
         "batch_size": 8,  # windows per forward micro-batch
+        # A text shorter than num_samples x seq_len tokens is refused (its windows would
+        # overlap heavily); True accepts it knowingly.
+        "allow_overlap": False,
     })
     config.eval = ml_collections.ConfigDict({"path": "", "seq_len": 2048, "batch_size": 8})
     config.output_dir = ""

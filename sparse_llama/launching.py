@@ -1,11 +1,15 @@
 """What every `launch/*.py` command shares: the distributed runtime, user errors, the JSON line.
 
 A command is `launching.main(run_fn)` where `run_fn()` does the work through the library and
-returns a JSON-serialisable summary dict. A user's mistake (a ValueError or missing file raised
-by validation) is printed on one line to stderr with exit status 2, never as a traceback.
+returns a JSON-serialisable summary dict. A user's mistake (a ValueError raised by validation)
+and any OSError (a missing, unreadable or unwritable path, a full disk) are printed on one line
+to stderr with exit status 2, never as a traceback; the OSError's line names its path(s).
+The summary is strict JSON: a non-finite number in it is such an error too, naming its key
+(`None` is fine and prints as null), and then nothing is printed on stdout.
 """
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -22,7 +26,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in a multi-process run (JAX_PROCESS_ID).")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
+# OSError covers FileNotFoundError, PermissionError, IsADirectoryError, ENOSPC, ...: all are
+# about the paths a user gave or the disk they point at, and the line names the path.
+USER_ERRORS = (ValueError, OSError)
 
 # Cluster environments in which jax.distributed.initialize() finds its own arguments.
 _AUTODETECT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
@@ -54,11 +60,72 @@ def init_distributed() -> None:
             return
 
 
-def print_summary(summary: dict) -> None:
-    """The command's last stdout line: one JSON object (process 0 only)."""
+def _json_value(value):
+    """numpy / jax scalars as Python numbers (json.dumps' `default` hook)."""
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.ndim != 0:
+        raise TypeError(f"a summary value must be a scalar, got shape {array.shape}")
+    return array.item()
+
+
+def _non_finite(value, key: str):
+    """(key, value) of the first non-finite float in a summary value (nested), else None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    return None
+
+
+def summary_line(summary: dict) -> str:
+    """The summary as one strict-JSON line; ValueError naming the key of a NaN or infinity.
+
+    `json.dumps` would write them as bare `NaN` / `Infinity`, which no JSON parser accepts.
+    """
+    # Round-trip numpy/jax scalars to Python numbers first, so the check sees every number.
+    plain = json.loads(json.dumps(summary, default=_json_value))
+    bad = _non_finite(plain, "")
+    if bad:
+        key, value = bad
+        raise ValueError(f"the run's result {key!r} is {value}, not a finite number; no "
+                         "summary is printed (see the messages above for where it went wrong)")
+    return json.dumps(plain, allow_nan=False)
+
+
+def _print_line(line: str) -> None:
     if jax.process_index() == 0:
         sys.stdout.flush()
-        print(json.dumps(summary, default=float), flush=True)
+        print(line, flush=True)
+
+
+def print_summary(summary: dict) -> None:
+    """The command's last stdout line: one JSON object (process 0 only); see summary_line."""
+    _print_line(summary_line(summary))
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a user error; an OSError's line names the path(s) it is about."""
+    if isinstance(err, OSError) and (err.filename is not None or err.filename2 is not None):
+        message = str(err.strerror or err).strip()
+        paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+        missing = [p for p in paths if p not in message]
+        if missing:
+            message = f"{message}: {' -> '.join(missing)}"
+    else:
+        message = str(err).strip() or type(err).__name__
+    return message.replace("\n", " ")
 
 
 def main(run_fn: Callable[[], dict]) -> None:
@@ -68,15 +135,13 @@ def main(run_fn: Callable[[], dict]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         init_distributed()
-        summary = run_fn()
+        # Checked inside the try: a NaN result is reported like any other error.
+        line = summary_line(run_fn())
     except USER_ERRORS as err:
         logging.debug("user error", exc_info=True)
-        message = str(err).strip().replace("\n", " ")
-        if isinstance(err, FileNotFoundError) and err.filename and err.filename not in message:
-            message = f"{message}: {err.filename}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print_summary(summary)
+    _print_line(line)
 
 
 def define_config(default: str):

@@ -35,6 +35,13 @@ TINY = {
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
                "rope_theta": 500000.0}
+# Llama-3 scaling whose smoothing band (original / high_freq_factor, original /
+# low_freq_factor) = (8, 64) holds two of the wavelengths 2 pi theta^(2i/d) of head_dim 16 at
+# theta 1e4 (19.9 and 62.8): there the frequency is interpolated between scaled and unscaled.
+# LLAMA3_ROPE's wavelengths (head_dim 8, theta 5e5: 6.3, 167, ...) all miss its band (8, 32).
+LLAMA3_ROPE_BAND = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 8.0, "original_max_position_embeddings": 64,
+                    "rope_theta": 10000.0}
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "sparse models keep only the weights that matter",

@@ -1,4 +1,5 @@
-"""Plain float64 numpy transcription of SparseGPT / GPTQ (REFERENCES.md sections 2 and 7).
+"""Plain float64 numpy transcription of SparseGPT / GPTQ (`docs/algorithms.md`, "SparseGPT"
+and "GPTQ").
 
 The test reference for `sparse_llama.pruning.sparsegpt`: column by column, no tricks, written to
 be checked against the text by eye. Selection ties break by stable argsort order (input-major

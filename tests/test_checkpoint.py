@@ -1,11 +1,15 @@
-"""Checkpoints: exact round trip, keep-N, model identity, crash safety, donation, SIGTERM."""
+"""Checkpoints: exact round trip, keep-N, model identity, crash safety, donation, SIGTERM,
+falling back from a damaged checkpoint (and `launch.export` doing so)."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +21,14 @@ from sparse_llama.model import sharding
 from sparse_llama.model.config import preset
 from sparse_llama.optim.factory import make_optimizer
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.checkpoint import Checkpoints, StopRequest, check_same_model
+from sparse_llama.train.checkpoint import (
+    Checkpoints,
+    DamagedCheckpointError,
+    StopRequest,
+    check_same_model,
+)
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = preset("tiny").replace(vocab_size=64, max_position_embeddings=32)
 
 
@@ -168,3 +178,142 @@ def test_sigterm_requests_a_stop_and_the_handler_is_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.should_stop(2)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _truncate_state_files(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.name != "commit_success.txt":
+            os.truncate(f, f.stat().st_size // 2)
+
+
+def _truncate_largest_array_file(step_dir):
+    largest = max((f for f in (step_dir / "state").rglob("*") if f.is_file()),
+                  key=lambda f: f.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+
+
+DAMAGE = {
+    "truncated state files": _truncate_state_files,
+    "truncated array data": _truncate_largest_array_file,
+    "state metadata deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "state item deleted": lambda d: shutil.rmtree(d / "state"),
+    "truncated data state": lambda d: (d / "data" / "process_0-of-1.json").write_text('{"i":'),
+    "truncated model item": lambda d: (d / "model" / "metadata").write_text('{"voc'),
+}
+
+
+def _two_steps(tmp_path, state, run_config=None):
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    for step in (1, 2):
+        ckpt.save(at_step(state, step), {"i": step}, model=CFG, run_config=run_config or {})
+    ckpt.wait()
+    ckpt.close()
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_named_as_damaged(tmp_path, setup, damage):
+    abstract, state = setup
+    directory = _two_steps(tmp_path, state)
+    DAMAGE[damage](directory / "2")
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    with pytest.raises(DamagedCheckpointError, match="checkpoint step 2 in .* is damaged") as err:
+        ckpt.restore(2, abstract, model=CFG)
+    assert "optimizer" not in str(err.value)
+    ckpt.close()
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, setup, damage, caplog):
+    abstract, state = setup
+    directory = _two_steps(tmp_path, state)
+    DAMAGE[damage](directory / "2")
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    with caplog.at_level(logging.WARNING):
+        restored, data_state = ckpt.restore_latest(abstract, model=CFG)
+    assert_same(restored, at_step(state, 1))
+    assert data_state == {"i": 1}
+    assert "checkpoint step 2" in caplog.text and "damaged" in caplog.text
+    # Moved aside, so the run can write its step 2 again (and nothing is deleted).
+    assert ckpt.all_steps() == [1]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()] == ["2"]
+    assert ckpt.save(at_step(state, 2), {"i": 2}, model=CFG, run_config={})
+    ckpt.wait()
+    assert_same(ckpt.restore_latest(abstract, model=CFG)[0], at_step(state, 2))
+    ckpt.close()
+
+
+def test_restore_latest_of_an_empty_workdir_is_none(tmp_path, setup):
+    abstract, _ = setup
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    assert ckpt.restore_latest(abstract, model=CFG) is None
+    ckpt.close()
+
+
+def test_every_checkpoint_damaged_is_an_error_that_keeps_them(tmp_path, setup):
+    abstract, state = setup
+    directory = _two_steps(tmp_path, state)
+    for step in ("1", "2"):
+        _truncate_state_files(directory / step)
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    with pytest.raises(ValueError, match=r"every checkpoint .* is damaged.*step 2.*step 1"):
+        ckpt.restore_latest(abstract, model=CFG)
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / "checkpoints_damaged").exists()
+    ckpt.close()
+
+
+def test_a_changed_optimizer_is_named_and_not_taken_for_damage(tmp_path, setup):
+    abstract, state = setup
+    _two_steps(tmp_path, state)
+    other = blocks.optimizer()
+    other.clip_norm = 0.0  # no clipping: another optimizer-state structure
+    opt, _ = make_optimizer(other, total_steps=10)
+    mc = blocks.mesh()
+    changed = state_lib.abstract_state(CFG, opt, sharding.make_mesh(mc),
+                                       sharding.rules_from_config(mc))
+    assert jax.tree.structure(changed) != jax.tree.structure(abstract)
+    ckpt = Checkpoints(str(tmp_path), keep=3)
+    with pytest.raises(ValueError, match="did the optimizer settings change") as err:
+        ckpt.restore_latest(changed, model=CFG)
+    assert not isinstance(err.value, DamagedCheckpointError)
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / "checkpoints_damaged").exists()
+    ckpt.close()
+
+
+def _export_cli(workdir, out_dir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-m", "launch.export", f"--workdir={workdir}",
+                           f"--out_dir={out_dir}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+EXPORT_RUN_CONFIG = {"mesh": blocks.mesh().to_dict(), "optimizer": blocks.optimizer().to_dict(),
+                     "train": {"steps": 10}, "model": {"param_dtype": "float32"}}
+
+
+def test_export_skips_a_damaged_latest_checkpoint(tmp_path, setup):
+    from sparse_llama.model import hf_io
+
+    _, state = setup
+    directory = _two_steps(tmp_path, state, EXPORT_RUN_CONFIG)
+    _truncate_state_files(directory / "2")
+    proc = _export_cli(tmp_path, tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 1
+    assert "checkpoint step 2" in proc.stderr and "damaged" in proc.stderr
+    _, params = hf_io.load_hf(tmp_path / "hf")
+    assert_same(params, at_step(state, 1).params)
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]  # read-only: left alone
+
+
+def test_export_with_every_checkpoint_damaged_is_a_one_line_error(tmp_path, setup):
+    _, state = setup
+    directory = _two_steps(tmp_path, state, EXPORT_RUN_CONFIG)
+    for step in ("1", "2"):
+        _truncate_state_files(directory / step)
+    proc = _export_cli(tmp_path, tmp_path / "hf")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every checkpoint") and "step 2" in last and "step 1" in last
+    assert "Traceback" not in proc.stderr and "{" not in proc.stdout
+    assert not (tmp_path / "hf").exists()

@@ -4,6 +4,7 @@ The checkpoint is made with transformers' own `save_pretrained` (not by our writ
 number is checked against transformers on the same input.
 """
 
+import errno
 import json
 import math
 import os
@@ -61,18 +62,48 @@ def test_eval_matches_transformers_perplexity(checkpoint):
     assert out["perplexity"] == pytest.approx(expected, rel=1e-4)  # far inside 0.5%
 
 
+def hf_greedy(model, prompt, new, **kwargs):
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                              do_sample=False, max_new_tokens=new, **kwargs
+                              )[0, len(prompt):].tolist()
+
+
 def test_generate_matches_transformers_greedy(checkpoint):
     model, ckpt, _ = checkpoint
     out = last_json(run_cli("launch.generate", "--config=configs/generate.py",
                             f"--config.model.hf_path={ckpt}", "--config.prompt=a llama walks",
                             "--config.max_new_tokens=12"))
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
-    prompt = [tok.bos_token_id] + tok("a llama walks", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                             do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
+    # Encoded as transformers encodes it: this tokenizer's post-processor adds no BOS.
+    prompt = tok("a llama walks")["input_ids"]
+    assert prompt[0] != tok.bos_token_id
+    ref = hf_greedy(model, prompt, 12)
+    assert out["prompt_tokens"] == len(prompt)
     assert out["tokens"] == ref
     assert out["text"] == tok.decode(ref)
+
+
+def test_generate_stops_at_every_eos_of_the_generation_config(checkpoint, tmp_path):
+    model, ckpt, _ = checkpoint
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    prompt = tok("the quick brown")["input_ids"]
+    full = hf_greedy(model, prompt, 16, eos_token_id=None)
+    turn_end = next(t for t in full[3:] if t != tok.eos_token_id)  # emitted after 3 tokens
+    stop = full.index(turn_end) + 1
+    assert stop < 16
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    for f in ckpt.iterdir():
+        (chat / f.name).write_bytes(f.read_bytes())
+    gen = json.loads((chat / "generation_config.json").read_text())
+    (chat / "generation_config.json").write_text(json.dumps(
+        {**gen, "eos_token_id": [tok.eos_token_id, turn_end]}))  # Llama-3-Instruct's shape
+    out = last_json(run_cli("launch.generate", "--config=configs/generate.py",
+                            f"--config.model.hf_path={chat}", "--config.prompt=the quick brown",
+                            "--config.max_new_tokens=16"))
+    assert out["tokens"] == full[:stop]
+    assert out["tokens"] == hf_greedy(hf_fixtures.load_hf_model(chat), prompt, 16)
 
 
 def test_prune_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path):
@@ -164,3 +195,77 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
                    f"--config.data.eval_path={tmp_path / 'config.json'}")
     assert proc.returncode == 2
     assert "mistral" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def run_main(run_fn, capsys):
+    """`launching.main(run_fn)` in this process: (exit status, stdout, stderr)."""
+    from sparse_llama import launching
+
+    code = 0
+    try:
+        launching.main(run_fn)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("summary, key", [
+    ({"perplexity": float("nan"), "tokens": 3}, "'perplexity' is nan"),
+    ({"loss": np.float32("inf")}, "'loss' is inf"),
+    ({"eval": {"perplexity": -math.inf}}, "'eval.perplexity' is -inf"),
+    ({"losses": [1.0, float("nan")]}, "'losses[1]' is nan"),
+])
+def test_a_non_finite_summary_value_is_an_error_naming_its_key(capsys, summary, key):
+    code, out, err = run_main(lambda: summary, capsys)
+    assert code == 2
+    assert out == ""  # nothing on stdout: no bare NaN for a JSON reader to choke on
+    assert err.startswith("error: ") and key in err and err.count("\n") == 1
+
+
+def test_the_summary_is_strict_json_with_none_as_null(capsys):
+    code, out, _ = run_main(lambda: {"loss": None, "step": np.int64(3),
+                                     "ppl": np.float32(2.5)}, capsys)
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1]) == {"loss": None, "step": 3, "ppl": 2.5}
+    assert '"step": 3,' in out  # an integer stays an integer
+
+
+def _raise(err):
+    def run():
+        raise err
+    return run
+
+
+def test_os_errors_are_one_line_naming_the_path(capsys, tmp_path):
+    def read_a_directory():
+        with open(tmp_path):
+            pass
+
+    code, out, err = run_main(read_a_directory, capsys)
+    assert code == 2 and out == ""
+    assert err == f"error: Is a directory: {tmp_path}\n"
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
+    code, _, err = run_main(_raise(full), capsys)
+    assert (code, err) == (2, f"error: No space left on device: {tmp_path}/model.safetensors\n")
+    moved = PermissionError(errno.EACCES, "Permission denied", "/a", None, "/b")  # a rename
+    assert run_main(_raise(moved), capsys)[2] == "error: Permission denied: /a -> /b\n"
+
+
+def test_a_permission_error_on_an_output_path_is_one_line(checkpoint, tmp_path):
+    try:
+        os.mkdir("/sys/kernel/sparse_llama_probe")
+    except PermissionError:
+        pass
+    else:  # pragma: no cover - a system where even sysfs is writable
+        os.rmdir("/sys/kernel/sparse_llama_probe")
+        pytest.skip("/sys/kernel is writable here")
+    _, ckpt, text = checkpoint
+    proc = run_cli("launch.prune", "--config=configs/prune.py", f"--config.model.hf_path={ckpt}",
+                   "--config.output_dir=/sys/kernel/pruned", f"--config.calibration.path={text}",
+                   "--config.calibration.num_samples=2", "--config.calibration.seq_len=16",
+                   "--config.pruning.method=magnitude")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and "/sys/kernel/" in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "{" not in proc.stdout

@@ -33,9 +33,11 @@ def test_text_folder_one_document_per_file(tmp_path):
 def test_text_blank_line_split(tmp_path):
     file = tmp_path / "book.txt"
     file.write_text("\n\npara one\nline two\n\n  \n\npara two\n\n\n")
-    # A single file splits on blank lines by default ("auto"); "file" keeps it whole.
-    assert _all(sources.read_documents("text", file)) == ["para one\nline two", "para two"]
-    assert len(sources.read_documents("text", file, text_split="file")) == 1
+    # A single file is one document (a stream) by default; blank lines split only when asked.
+    assert _all(sources.read_documents("text", file)) == [file.read_text()]
+    assert _all(sources.read_documents("text", file, text_split="file")) == [file.read_text()]
+    blocks = sources.read_documents("text", file, text_split="blank_lines")
+    assert _all(blocks) == ["para one\nline two", "para two"]
     folder = sources.read_documents("text", tmp_path, text_split="blank_lines")
     assert [folder.doc_id(i) for i in range(len(folder))] == ["book.txt#0", "book.txt#1"]
 
@@ -52,6 +54,16 @@ def test_text_errors(tmp_path):
     docs = sources.read_documents("text", tmp_path)
     with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8"):
         docs[0]
+
+
+def test_fingerprint_changes_with_the_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one")
+    before = sources.fingerprint(tmp_path)
+    assert [name for name, *_ in before] == ["a.txt"] and before == sources.fingerprint(tmp_path)
+    (tmp_path / "a.txt").write_text("one more")
+    assert sources.fingerprint(tmp_path) != before
+    (tmp_path / "b.txt").write_text("two")
+    assert [name for name, *_ in sources.fingerprint(tmp_path)] == ["a.txt", "b.txt"]
 
 
 def test_jsonl(tmp_path):

@@ -114,3 +114,55 @@ def test_generate_errors(model):
         generate(params, config, [], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         generate(params, config, [1], max_new_tokens=2, temperature=1.0, top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """{"plain": a tokenizer that adds no specials, "bos": one whose post-processor adds <s>}
+    as (our Tokenizer, transformers' tokenizer, directory)."""
+    import transformers
+    from hf_fixtures import save_tokenizer, train_tokenizer
+    from tokenizers import processors
+
+    from sparse_llama.data.tokenizer import load_tokenizer
+
+    out = {}
+    for name in ("plain", "bos"):
+        tok = train_tokenizer()
+        if name == "bos":
+            tok.post_processor = processors.TemplateProcessing(
+                single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        path = save_tokenizer(tmp_path_factory.mktemp(name), tok)
+        out[name] = (load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path), path)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos"])
+def test_prompts_are_encoded_as_transformers_encodes_them(tokenizers, kind):
+    from sparse_llama.model.completion import encode_prompt
+
+    ours, theirs, _ = tokenizers[kind]
+    text = "a llama walks"
+    expected = theirs(text)["input_ids"]
+    assert (expected[0] == ours.bos_id) == (kind == "bos")
+    assert encode_prompt(ours, text) == expected
+    body = theirs(text, add_special_tokens=False)["input_ids"]
+    assert encode_prompt(ours, text, add_bos=True) == [ours.bos_id, *body]  # BOS once
+    assert encode_prompt(ours, text, add_bos=False) == body
+
+
+def test_stop_ids_are_every_eos_of_the_generation_config(tokenizers, tmp_path):
+    import json
+    import shutil
+
+    from sparse_llama.model.completion import stop_token_ids
+
+    ours, _, path = tokenizers["plain"]
+    model_dir = shutil.copytree(path, tmp_path / "m")
+    (model_dir / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert stop_token_ids(str(model_dir), ours) == sorted({5, ours.eos_id})
+    (model_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [128001, 128009], "temperature": 0.6}))
+    # generation_config.json wins over config.json (as in transformers); the tokenizer's EOS,
+    # which our training appends to every document, always stops too.
+    assert stop_token_ids(str(model_dir), ours) == sorted({128001, 128009, ours.eos_id})

@@ -272,3 +272,40 @@ def test_tied_checkpoint_with_stored_lm_head_loads(tmp_path):
     _edit_tensors(path, add_head)
     config, params = hf_io.load_hf(path)
     assert config.tie_word_embeddings and "lm_head" not in params
+
+
+def test_a_training_export_keeps_every_tokenizer_file_of_its_source(loaded, source, tmp_path):
+    """Source tokenizer dir -> <workdir>/tokenizer (train) -> <workdir>/hf (export): the chat
+    template, BPE vocab files and generation settings all arrive, unchanged in content."""
+    from sparse_llama.data.tokenizer import load_tokenizer
+    from sparse_llama.train import export
+
+    config, params = loaded
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    extras = {"chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}",
+              "vocab.json": json.dumps({"a": 0}), "merges.txt": "#version: 0.2\n"}
+    for name, text in extras.items():
+        (src / name).write_text(text)
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 7], "temperature": 0.6, "do_sample": True}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    tok_dir = export.save_tokenizer(load_tokenizer(src), str(src), str(tmp_path / "run"))
+    for name, text in extras.items():
+        assert (tmp_path / "run" / "tokenizer" / name).read_text() == text, name
+    out = hf_io.save_hf(params, config, tmp_path / "run" / "hf", tokenizer_dir=tok_dir)
+    for name, text in extras.items():
+        assert (out / name).read_text() == text, name
+    # The source's full eos list and sampling defaults, not only config.eos_token_id.
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_save_hf_merges_its_generation_config_over_the_source_one(loaded, source, tmp_path):
+    config, params = loaded
+    src = shutil.copytree(source, tmp_path / "src")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7],
+                                                             "top_p": 0.9}))
+    out = hf_io.save_hf(params, config, tmp_path / "out", tokenizer_dir=src,
+                        generation_config={"top_p": 0.5})
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": config.bos_token_id, "eos_token_id": [2, 7], "top_p": 0.5}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hf_fixtures import (
     LLAMA3_ROPE,
+    LLAMA3_ROPE_BAND,
     build_hf_model,
     hf_logits,
     load_hf_model,
@@ -17,7 +18,8 @@ from hf_fixtures import (
 )
 from safetensors import safe_open
 
-from sparse_llama.model import hf_io, llama
+from sparse_llama.model import hf_config, hf_io, layers, llama
+from sparse_llama.model.config import rope_inverse_frequencies
 from sparse_llama.sparsity.masks import dense_masks, is_target, path_name
 
 VARIANTS = {
@@ -25,6 +27,8 @@ VARIANTS = {
     "gqa_odd_sizes": {},
     "mha_tied": {"num_key_value_heads": 6, "tie_word_embeddings": True},
     "llama3_rope": {"rope_parameters": LLAMA3_ROPE},
+    "llama3_rope_band": {"rope_parameters": LLAMA3_ROPE_BAND, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "head_dim": 16},
     "linear_rope": {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
                                         "rope_theta": 10000.0}},
     "head_dim_16": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
@@ -46,6 +50,46 @@ def test_logits_match_transformers(ckpt, scan_layers):
     _, _, config, params, ref = ckpt
     ours = llama.forward(params, jnp.asarray(TOKENS), config.replace(scan_layers=scan_layers))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+def test_hidden_states_match_transformers(ckpt):
+    """Every block's output against transformers' output_hidden_states (an independent forward).
+
+    transformers returns (embeddings, block 0, ..., block L-2, final norm of block L-1); ours
+    are the L block outputs. Fails if a block output is misplaced, e.g. the input of each block
+    returned instead of its output, or the residual missing from it.
+    """
+    model, _, config, params, _ = ckpt
+    _, ours = llama.forward(params, jnp.asarray(TOKENS), config, return_hidden=True)
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(TOKENS, dtype=torch.long),
+                       output_hidden_states=True).hidden_states
+    theirs = [h.numpy() for h in theirs]
+    assert len(theirs) == config.num_layers + 1 and ours.shape[0] == config.num_layers
+    for i in range(config.num_layers - 1):
+        np.testing.assert_allclose(np.asarray(ours[i]), theirs[i + 1], atol=1e-4, rtol=0)
+    last = layers.rms_norm(ours[-1], params["norm"], config.rms_norm_eps)
+    np.testing.assert_allclose(np.asarray(last), theirs[-1], atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_band_is_exercised_and_matches_transformers():
+    """The inverse frequencies themselves, against transformers' own llama3 rule."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = build_hf_model(**VARIANTS["llama3_rope_band"])
+    config = hf_config.config_from_hf(model.config.to_dict())
+    rope = LLAMA3_ROPE_BAND
+    head_dim = 16
+    plain = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / plain
+    old = rope["original_max_position_embeddings"]
+    band = (wavelen > old / rope["high_freq_factor"]) & (wavelen < old / rope["low_freq_factor"])
+    assert band.sum() >= 2  # the fixture does reach the smoothing band (else the test is void)
+    theirs = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")[0].double().numpy()
+    ours = rope_inverse_frequencies(config)
+    # In the band the value is strictly between the scaled and the unscaled frequency.
+    assert np.all((ours[band] < plain[band]) & (ours[band] > plain[band] / rope["factor"]))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
 
 def test_save_round_trip_loads_in_transformers(ckpt, tmp_path):

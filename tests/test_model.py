@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_llama.model import llama
-from sparse_llama.model.config import PRESETS, LlamaConfig, param_count, preset
+from sparse_llama.model import layers, llama
+from sparse_llama.model.config import PRESETS, param_count, preset
 from sparse_llama.sparsity import masks as masks_lib
 
 # Published parameter counts (billions) of the full-size presets.
@@ -116,12 +116,24 @@ def test_bfloat16_params_and_compute_close_to_float32(tiny):
 
 
 def test_hidden_states_are_block_outputs(tiny):
+    """Each hidden state is the previous one through its block; the logits read the last.
+
+    transformers' output_hidden_states is the independent reference (test_hf_parity.py); this
+    checks the same chain without torch, with the scanned and the unrolled forward. Fails if
+    the stack is shifted by one (block inputs instead of outputs) or the layers permuted.
+    """
     cfg, params, tokens = tiny
-    logits, hidden = llama.forward(params, tokens, cfg, return_hidden=True)
-    assert hidden.shape == (cfg.num_layers, *tokens.shape, cfg.hidden_size)
-    again = llama.forward(llama.set_layer_params(params, 1, llama.layer_params(params, 1)),
-                          tokens, cfg)
-    np.testing.assert_allclose(again, logits, atol=0)
+    for scan in (True, False):
+        c = cfg.replace(scan_layers=scan)
+        logits, hidden = llama.forward(params, tokens, c, return_hidden=True)
+        assert hidden.shape == (cfg.num_layers, *tokens.shape, cfg.hidden_size)
+        cos, sin, mask = llama.rope_and_mask(tokens.shape, c)
+        x = llama.embed(params, tokens, c)
+        for i in range(cfg.num_layers):
+            x = llama.block(llama.layer_params(params, i), x, cos, sin, mask, c)[0]
+            np.testing.assert_allclose(hidden[i], x, atol=1e-5)
+        normed = layers.rms_norm(hidden[-1], params["norm"], cfg.rms_norm_eps)
+        np.testing.assert_allclose(normed @ llama.output_weights(params), logits, atol=1e-4)
 
 
 def test_layer_view_round_trip(tiny):
@@ -157,4 +169,3 @@ def test_masks_shape_mismatch_is_named(tiny):
     masks["layers"]["mlp"]["up_proj"] = jnp.ones((3, 3), bool)
     with pytest.raises(ValueError, match="layers/mlp/up_proj"):
         masks_lib.check_masks(params, masks)
-    assert isinstance(LlamaConfig, type)

@@ -72,7 +72,8 @@ def test_nm_and_module_overrides(model):
         group = "self_attn" if name == "q_proj" else "mlp"
         for layer in range(CFG.num_layers):
             # stored (in, out): groups of 4 consecutive inputs run along axis 0
-            assert masks_lib.check_nm(masks["layers"][group][name][layer], 2, 4, axis=0)
+            assert masks_lib.check_nm(masks["layers"][group][name][layer], 2, 4,
+                                      axis=masks_lib.NM_AXIS_STORED)
     spec = _spec("magnitude", module_sparsity=(("down_proj", 0.25),))
     pruned, _ = driver.prune_model(params, CFG, windows, spec)
     report = sparsity_report(pruned)
@@ -89,23 +90,72 @@ def test_extending_masks_keeps_old_zeros(model):
     assert all(jax.tree.leaves(kept_old))
 
 
-def test_owl_profile_formula():
-    ratios = [0.01, 0.03, 0.02, 0.05]
+def test_owl_profile_on_hand_computed_cases():
+    """OWL's layer sparsities from values worked out by hand (`docs/algorithms.md`, "OWL").
+
+    Symmetric ratios 0.1, 0.2, 0.3 normalise to 0, 1/2, 1 times 2 lambda: the sparsities are
+    S + lambda, S, S - lambda, the paper's band [S - lambda, S + lambda] exactly.
+    """
+    np.testing.assert_allclose(profiles.owl([0.1, 0.2, 0.3], 0.6, 0.08), [0.68, 0.60, 0.52])
+    # One outlier-heavy block among three alike: normalised 0, 0, 0, 1; mean 1/4 of 2 lambda
+    # = 0.04, so S + 0.04 three times and S + 0.04 - 0.16 once. The published code (which we
+    # follow) keeps the mean at S and the spread at 2 lambda but leaves the paper's band here.
+    skewed = profiles.owl([0.0, 0.0, 0.0, 0.4], 0.7, 0.08)
+    np.testing.assert_allclose(skewed, [0.74, 0.74, 0.74, 0.58])
+    # Properties the paper states, on an uneven case: mean S (fails if the mean of r is not
+    # subtracted), spread 2 lambda (fails on lambda), fewer outliers more pruning (fails on a
+    # sign error), and only the relative outlier ratios matter (fails without the min-max
+    # normalisation).
+    ratios = np.asarray([0.01, 0.03, 0.02, 0.05])
     s = profiles.owl(ratios, 0.7, 0.08)
-    d = np.asarray(ratios)
-    r = (d - d.min()) / (d.max() - d.min()) * 0.16
-    np.testing.assert_allclose(s, 1 - (r - r.mean() + 0.3))
     assert s.mean() == pytest.approx(0.7)
-    assert s.min() == pytest.approx(0.7 - 0.08 + (0.16 - np.sum(r) / 4) - 0.08 + 0.08, abs=0.1)
-    assert np.argmin(s) == 3 and np.argmax(s) == 0  # more outliers, less pruning
     assert s.max() - s.min() == pytest.approx(0.16)
+    assert list(np.argsort(s)) == [3, 1, 2, 0]
+    np.testing.assert_allclose(profiles.owl(3 * ratios + 0.1, 0.7, 0.08), s)
     np.testing.assert_allclose(profiles.owl([0.02] * 3, 0.5, 0.08), 0.5)
+
+
+def _ratios_by_hand(params, windows, m):
+    """OWL's D_l in float64 numpy from every block's dense input, taken from the full forward
+    (not the driver's block-by-block activations)."""
+    x0 = llama.embed(params, jnp.asarray(windows), CFG)
+    _, hidden = llama.forward(params, jnp.asarray(windows), CFG, return_hidden=True)
+    inputs = [x0] + [hidden[i] for i in range(CFG.num_layers - 1)]
+    ratios = []
+    for i, x in enumerate(inputs):
+        p = llama.layer_params(params, i)
+        cos, sin, mask = llama.rope_and_mask(x.shape[:2], CFG)
+        taps = llama.block_with_taps(p, x, cos, sin, mask, CFG)[2]
+        metrics = []
+        for group, names in driver.GROUPS.items():
+            feats = np.asarray(taps[group], np.float64).reshape(-1, taps[group].shape[-1])
+            norm = np.sqrt((feats ** 2).sum(axis=0))  # ||X_j||_2 over all calibration tokens
+            for name in names:
+                w = np.asarray(driver._module_get(p, name), np.float64)  # (in, out)
+                metrics.append(np.abs(w) * norm[:, None])
+        flat = np.concatenate([a.ravel() for a in metrics])
+        ratios.append(float(np.mean(flat > m * flat.mean())))
+    return np.asarray(ratios), flat.size
 
 
 def test_owl_ratios_come_from_a_dense_pass(model):
     params, windows = model
-    ratios = driver.owl_outlier_ratios(params, CFG, windows, m=5.0, batch_size=4)
-    assert len(ratios) == CFG.num_layers and all(0 <= r < 1 for r in ratios)
+    ratios = driver.owl_outlier_ratios(params, CFG, windows, m=2.0, batch_size=4)
+    want, size = _ratios_by_hand(params, windows, 2.0)
+    assert np.all(want > 0)  # m = 2 leaves outliers in every block: the comparison has content
+    # Fails on the wrong inputs (block 0's reused, or a pruned prefix), on ||X||^2 instead of
+    # ||X||, or a mean per linear instead of per block. An entry exactly at the threshold may
+    # flip with float32 summation order: one entry's worth of slack.
+    np.testing.assert_allclose(ratios, want, rtol=0, atol=1.5 / size)
+    # Outlier weights planted in block 1 change D_1 (to what the hand computation says) and
+    # leave D_0 alone: block 0's ratio cannot depend on later blocks.
+    q = params["layers"]["self_attn"]["q_proj"]
+    planted = {**params, "layers": {**params["layers"], "self_attn": {
+        **params["layers"]["self_attn"], "q_proj": q.at[1, :4, :4].multiply(30.0)}}}
+    after = driver.owl_outlier_ratios(planted, CFG, windows, m=2.0, batch_size=4)
+    assert after[0] == ratios[0] and after[1] != ratios[1]
+    np.testing.assert_allclose(after, _ratios_by_hand(planted, windows, 2.0)[0], rtol=0,
+                               atol=1.5 / size)
 
 
 def test_outlier_ratio_counts_entries_above_m_times_mean():
@@ -131,18 +181,26 @@ def test_explicit_profile_checks_length():
 
 
 def test_calibration_windows(tmp_path):
-    stream = np.arange(1000) % 97
+    stream = np.arange(1000) + 5  # token value = position + 5: a window's content shows its start
     a = calibration.sample_windows(stream, 8, 32, seed=0)
     b = calibration.sample_windows(stream, 8, 32, seed=0)
     c = calibration.sample_windows(stream, 8, 32, seed=1)
     assert a.shape == (8, 32) and np.array_equal(a, b) and not np.array_equal(a, c)
-    for row in a:  # every window is a contiguous slice of the stream
-        assert np.array_equal(row, stream[row[0]:row[0] + 32] if row[0] + 32 <= 97 else row)
+    for row in a:  # every window is a contiguous slice of the stream (fails on a shuffle)
+        start = int(row[0]) - 5
+        assert 0 <= start <= 1000 - 32
+        np.testing.assert_array_equal(row, stream[start:start + 32])
     with pytest.raises(ValueError, match="too few calibration tokens"):
-        calibration.sample_windows(stream[:20], 8, 32, seed=0)
-    exact = calibration.sample_windows(stream[:32], 2, 32, seed=0)  # one window fits exactly
-    assert np.array_equal(exact[0], stream[:32])
-    starts = calibration.sample_windows(np.arange(40), 1000, 32, seed=0)[:, 0]
+        calibration.sample_windows(stream[:20], 8, 32, seed=0, allow_overlap=True)
+    # Fewer tokens than num_samples x seq_len: refused, both counts and the fix named.
+    with pytest.raises(ValueError, match=r"has 100 tokens.*8 x 64 = 512.*allow_overlap=True"):
+        calibration.sample_windows(stream[:100], 8, 64, seed=0)
+    assert calibration.sample_windows(stream[:100], 8, 64, seed=0, allow_overlap=True).shape == (
+        8, 64)
+    assert calibration.sample_windows(stream[:64], 2, 32, seed=0).shape == (2, 32)  # just enough
+    exact = calibration.sample_windows(stream[:32], 2, 32, seed=0, allow_overlap=True)
+    assert np.array_equal(exact[0], stream[:32])  # one window fits exactly
+    starts = calibration.sample_windows(np.arange(40), 1000, 32, seed=0, allow_overlap=True)[:, 0]
     assert starts.min() == 0 and starts.max() == 8  # every valid start can be drawn
     good = tmp_path / "cal.npy"
     np.save(good, np.ones((4, 16), np.int64))

@@ -1,19 +1,31 @@
-"""Pruning quality on a model the suite trains itself (REFERENCES.md sections 3 and 4).
+"""Pruning quality on a model the suite trains itself (`docs/algorithms.md`, "SparseGPT",
+"Wanda", "Magnitude", "OWL").
 
-A small Llama (preset mini: 4 layers) is trained on the embedded corpus, then pruned at 50%, 2:4 and 70% with SparseGPT,
-Wanda and magnitude, and at 70% with the OWL profile. The published ordering asserted:
-SparseGPT gives the lowest perplexity of the three methods at every pattern.
+A small Llama (preset mini: 4 layers, ~0.5M parameters) is trained on the embedded corpus, then
+pruned at 50%, 2:4 and 70% with SparseGPT, Wanda and magnitude, and at 70% with the OWL
+profile. The model the suite trains differs slightly between CPUs (summation order in XLA's
+kernels), so only orderings whose margin is far beyond that noise are asserted:
 
-Reported, not asserted (printed as JSON with `pytest -s`): Wanda vs magnitude, which depends on
-model size and outliers (at 7B Wanda wins), and OWL vs uniform at 70%. OWL's gain comes from
-the outlier features of large LLMs; on this 4-layer model trained for a minute, measured
-perplexities were OWL 38.6 vs uniform 37.9 (SparseGPT) and 43.3 vs 40.6 (Wanda), i.e. no gain,
-with the OWL formula itself verified in test_pruning_driver.py. The test checks what OWL must
-do on any model: the mean sparsity is S and more outliers get less pruning.
+- the layer reconstruction objective SparseGPT minimises, ||(W - W_hat) X||^2 on the trained
+  block 0 with its real calibration inputs, for every linear and pattern: SparseGPT at least
+  10% below both Wanda and magnitude (measured: 18% to 5x below);
+- every pruned model is worse than the dense one, and at 2:4 SparseGPT beats magnitude
+  (measured 4-13% apart across machines and training setups: the structured pattern hurts
+  magnitude most);
+- OWL's layer sparsities average S and order inversely to the measured outlier ratios.
+
+Reported, not asserted (printed as JSON with `pytest -s`): the rest of the perplexity table.
+At 50% and 70% the methods can lie within 0.1-2% of each other on this model, and the gaps
+move by a few percent between machines (SparseGPT vs magnitude at 70%: 38.30 vs 38.26 on a
+2-core Intel Xeon), so their order is not asserted. Measured on a 2-core AMD EPYC (dense
+24.06): 50% SparseGPT 25.25, Wanda 26.56, magnitude 25.86; 2:4 26.55 / 29.62 / 29.99; 70%
+32.90 / 37.29 / 36.04; 70% OWL SparseGPT 46.13, Wanda 60.31. OWL's gain comes from the outlier
+features of large LLMs, which a 4-layer model trained for a minute does not have.
 """
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,8 +33,16 @@ from configs import dense
 from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import perplexity
-from sparse_llama.model import hf_io
-from sparse_llama.pruning import calibration, driver, profiles
+from sparse_llama.model import hf_io, llama
+from sparse_llama.pruning import (
+    calibration,
+    driver,
+    hessian,
+    magnitude,
+    profiles,
+    sparsegpt,
+    wanda,
+)
 from sparse_llama.train import loop
 
 pytestmark = pytest.mark.slow
@@ -59,26 +79,64 @@ def _prune(config, params, cal, method, sparsities, n=0, m=0):
     return driver.prune_model(params, config, cal, spec)[0]
 
 
-def test_sparsegpt_is_best_of_three_methods(trained):
+PATTERNS = {"50%": (0.5, 0, 0), "2:4": (0.5, 2, 4), "70%": (0.7, 0, 0)}
+
+
+def test_sparsegpt_minimises_the_layer_reconstruction_error(trained):
+    """SparseGPT's own objective on trained weights and real inputs (block 0)."""
+    config, params, _, cal = trained
+    p = llama.layer_params(params, 0)
+    x = llama.embed(params, jnp.asarray(cal), config)
+    cos, sin, mask = llama.rope_and_mask(x.shape[:2], config)
+    _, _, taps = llama.block_with_taps(p, x, cos, sin, mask, config)
+    errors = {}
+    for group, names in driver.GROUPS.items():
+        inputs = taps[group].astype(jnp.float32)
+        h = hessian.finalize(hessian.accumulate(hessian.init(inputs.shape[-1]), inputs))
+        sq = hessian.finalize_sq_norms(
+            hessian.accumulate_sq_norms(hessian.init_sq_norms(inputs.shape[-1]), inputs))
+        flat = np.asarray(inputs, np.float64).reshape(-1, inputs.shape[-1])
+        for name in names:
+            w = np.asarray(driver._module_get(p, name)).T  # (out, in)
+            for pattern, (s, n, m) in PATTERNS.items():
+                pruned = {
+                    "sparsegpt": sparsegpt.prune_layer(w, h, sparsity=s, n=n, m=m)[0],
+                    "wanda": wanda.prune_layer(w, sq, sparsity=s, n=n, m=m)[0],
+                    "magnitude": magnitude.prune_layer(w, sparsity=s, n=n, m=m)[0],
+                }
+                for method, w_new in pruned.items():
+                    diff = np.asarray(w, np.float64) - np.asarray(w_new, np.float64)
+                    errors[(name, pattern, method)] = float(np.sum((flat @ diff.T) ** 2))
+    print(json.dumps({f"{k[0]} {k[1]} {k[2]}": v for k, v in errors.items()}, indent=1))
+    for name in (n for names in driver.GROUPS.values() for n in names):
+        for pattern in PATTERNS:
+            e = {method: errors[(name, pattern, method)]
+                 for method in ("sparsegpt", "wanda", "magnitude")}
+            # Fails if the error compensation is lost or wrong (SparseGPT then scores like
+            # magnitude per block); the measured margin is several-fold, not a float ulp.
+            assert 1.1 * e["sparsegpt"] < min(e["wanda"], e["magnitude"]), (name, pattern, e)
+
+
+def test_perplexity_table_and_owl(trained):
     config, params, windows, cal = trained
     dense_ppl = _ppl(config, params, windows)
-    uniform = {"50%": ((0.5,) * config.num_layers, 0, 0), "2:4": ((0.5,) * config.num_layers, 2, 4),
-               "70%": ((0.7,) * config.num_layers, 0, 0)}
     table = {}
-    for pattern, (sparsities, n, m) in uniform.items():
+    for pattern, (s, n, m) in PATTERNS.items():
         for method in ("sparsegpt", "wanda", "magnitude"):
-            pruned = _prune(config, params, cal, method, sparsities, n, m)
+            pruned = _prune(config, params, cal, method, (s,) * config.num_layers, n, m)
             table[(pattern, method)] = _ppl(config, pruned, windows)
     ratios = driver.owl_outlier_ratios(params, config, cal, m=5.0, batch_size=16)
     owl = profiles.owl(ratios, 0.7, 0.08)
     for method in ("sparsegpt", "wanda"):
         table[("70% OWL", method)] = _ppl(config, _prune(config, params, cal, method, owl),
                                           windows)
-    print(json.dumps({"dense": dense_ppl, "owl_sparsities": owl.tolist(),
+    print(json.dumps({"dense": dense_ppl, "owl_ratios": list(ratios),
+                      "owl_sparsities": owl.tolist(),
                       **{f"{p} {m}": v for (p, m), v in table.items()}}, indent=1))
-    for pattern in uniform:
-        assert dense_ppl < table[(pattern, "sparsegpt")]
-        assert table[(pattern, "sparsegpt")] < table[(pattern, "wanda")], pattern
-        assert table[(pattern, "sparsegpt")] < table[(pattern, "magnitude")], pattern
+    for key, value in table.items():
+        assert dense_ppl < value, key  # fails if pruning did nothing (or pruned the wrong tensors)
+    # 2:4: measured 4-13% apart, beyond the ~2% the gaps move across CPUs. Fails if SparseGPT's
+    # N:M selection or its error compensation breaks (it then scores like magnitude).
+    assert table[("2:4", "sparsegpt")] < table[("2:4", "magnitude")]
     assert np.isclose(owl.mean(), 0.7)
     assert np.array_equal(np.argsort(ratios), np.argsort(-owl))  # more outliers, less pruning

@@ -12,7 +12,7 @@ import pytest
 import sparsegpt_numpy as ref
 
 from sparse_llama.pruning import hessian, magnitude, quantize, sparsegpt, wanda
-from sparse_llama.sparsity.masks import check_nm
+from sparse_llama.sparsity.masks import NM_AXIS_HF, check_nm
 
 
 def _inputs(cols, *, seed=0, batches=2, dead=()):
@@ -76,7 +76,7 @@ def test_matches_float64_reference(case):
     if mask is not None:
         assert not np.any(got_mask & ~mask)  # old zeros stay pruned
     if kw.get("n"):
-        assert check_nm(got_mask, kw["n"], kw["m"])
+        assert check_nm(got_mask, kw["n"], kw["m"], axis=NM_AXIS_HF)
 
 
 def test_unstructured_sparsity_is_exact_per_row_block():
@@ -172,14 +172,19 @@ def test_gptq_on_a_sparse_layer_keeps_zeros():
     assert np.count_nonzero(got[mask]) > 0.9 * mask.sum()
 
 
-def test_cholesky_failure_warns_and_falls_back():
+def test_nan_or_inf_raises_and_a_finite_failure_falls_back():
     w, h, _ = _layer(16, 160, seed=9)
-    bad = h.at[3, 5].set(jnp.nan)
+    # Before: a NaN Hessian fell back to the identity with a warning and returned a "pruned"
+    # layer; now it stops (the driver adds the block and tensor name).
+    with pytest.raises(magnitude.NonFiniteError, match="Hessian of its inputs has 1 NaN/inf"):
+        sparsegpt.prune_layer(jnp.asarray(w), h.at[3, 5].set(jnp.nan), sparsity=0.5)
+    with pytest.raises(magnitude.NonFiniteError, match="the weight has 1 NaN/inf"):
+        sparsegpt.prune_layer(jnp.asarray(w).at[0, 0].set(jnp.inf), h, sparsity=0.5)
+    # A finite Hessian that no dampening rescues: identity (no compensation), with a warning.
     with pytest.warns(UserWarning, match="identity"):
-        got, mask = sparsegpt.prune_layer(jnp.asarray(w), bad, sparsity=0.5)
+        got, mask = sparsegpt.prune_layer(jnp.asarray(w), -1e6 * jnp.eye(160), sparsity=0.5,
+                                          n=2, m=4)
     assert np.all(np.isfinite(np.asarray(got))) and np.all(np.asarray(got)[~np.asarray(mask)] == 0)
-    with pytest.warns(UserWarning, match="identity"):
-        sparsegpt.prune_layer(jnp.asarray(w), -1e6 * jnp.eye(160), sparsity=0.5, n=2, m=4)
 
 
 def test_indefinite_hessian_retries_with_more_dampening():
@@ -221,3 +226,83 @@ def test_bad_input_raises_before_work(kwargs, match):
 def test_quantize_layer_needs_bits():
     with pytest.raises(ValueError, match="bits"):
         sparsegpt.quantize_layer(jnp.ones((4, 8)), jnp.eye(8), bits=1)
+
+
+# Properties that follow from the algorithm itself (docs/algorithms.md, "SparseGPT"), not from
+# the numpy transcription above: a misreading shared by both would not pass these.
+
+
+def test_identity_hessian_makes_no_updates_and_prunes_smallest_magnitudes_per_block():
+    """With H = I, U is diagonal (U_jj = 1/sqrt(1 + lambda)): no error reaches another column,
+    and the score W^2 / U_jj^2 orders like |W|, so each (rows x block columns) group loses
+    exactly its k smallest |W| and the kept weights are untouched."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(16, 200)).astype(np.float32)
+    got, keep = sparsegpt.prune_layer(jnp.asarray(w), jnp.eye(200), sparsity=0.6, block_size=64)
+    got, keep = np.asarray(got), np.asarray(keep)
+    # Fails if any error update leaks (the kept weights would move).
+    np.testing.assert_array_equal(got[keep], w[keep])
+    for start in range(0, 200, 64):
+        block = np.abs(w[:, start:start + 64])
+        k = magnitude.count_for(0.6, block.size)
+        want = block <= np.sort(block, axis=None)[k - 1]  # the k smallest (no ties: random)
+        # Fails if the comparison group were a row (Wanda's) or the whole matrix (magnitude's).
+        np.testing.assert_array_equal(~keep[:, start:start + 64], want)
+
+
+def test_diagonal_hessian_scores_by_w_squared_times_damped_h_jj():
+    """Diagonal H: U_jj^2 = 1 / (H_jj + lambda), so the score is W^2 (H_jj + lambda), with
+    lambda = 0.01 mean(diag H); still no updates. Fails on W^2 / U_jj (unsquared) or W^2 U_jj^2."""
+    rng = np.random.default_rng(12)
+    w = rng.normal(size=(16, 160)).astype(np.float32)
+    d = np.exp(2 * rng.normal(size=160)).astype(np.float32)  # input norms spanning e^-4..e^4
+    got, keep = sparsegpt.prune_layer(jnp.asarray(w), jnp.diag(jnp.asarray(d)), sparsity=0.5)
+    got, keep = np.asarray(got), np.asarray(keep)
+    score = w.astype(np.float64) ** 2 * (d + 0.01 * d.mean())
+    for start in (0, 128):  # the default block of 128 columns, then the partial one of 32
+        block = score[:, start:start + 128]
+        k = magnitude.count_for(0.5, block.size)
+        np.testing.assert_array_equal(~keep[:, start:start + 128],
+                                      block <= np.sort(block, axis=None)[k - 1])
+    np.testing.assert_array_equal(got[keep], w[keep])
+
+
+def test_pruning_leading_columns_gives_the_exact_least_squares_reconstruction():
+    """OBS: removing weights one column at a time, each time re-fitting every later column
+    optimally, ends at the joint optimum when the pruned columns come first. So when the
+    selection prunes columns 0..p-1 of every row, the result must be the closed-form
+    constrained least squares min ||(W - W') X||^2 (damped H) with W'[:, :p] = 0."""
+    rng = np.random.default_rng(13)
+    rows, cols, p = 8, 64, 16
+    x = (rng.normal(size=(400, cols)) @ (rng.normal(size=(cols, cols)) / 8 + np.eye(cols)))
+    h = hessian.finalize(hessian.accumulate(hessian.init(cols),
+                                            jnp.asarray(x[None].astype(np.float32))))
+    w = rng.normal(size=(rows, cols))
+    w[:, :p] *= 1e-3  # the smallest scores by far: the selection is columns 0..p-1
+    got, keep = sparsegpt.prune_layer(jnp.asarray(w, jnp.float32), h, sparsity=p / cols,
+                                      block_size=cols)
+    want_keep = np.ones((rows, cols), bool)
+    want_keep[:, :p] = False
+    np.testing.assert_array_equal(np.asarray(keep), want_keep)
+    hd = np.asarray(h, np.float64)
+    hd = hd + 0.01 * np.mean(np.diag(hd)) * np.eye(cols)
+    # Free columns F re-fit: w'_F = w_F + H_FF^-1 H_FP w_P (rows independent).
+    w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+    want = np.zeros_like(w32)
+    want[:, p:] = w32[:, p:] + np.linalg.solve(hd[p:, p:], hd[p:, :p] @ w32[:, :p].T).T
+    # Fails if the updates are missing, use the wrong row of U, or skip the lazy updates.
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                               atol=1e-4 * np.abs(w32[:, :p]).max())
+
+
+def test_unstructured_count_is_rounded_not_the_published_one_more():
+    """Published code: thresh = sort(scores)[int(numel * sparsity)], prune scores <= thresh,
+    i.e. floor(s * numel) + 1 entries per block (more with ties). Ours: exactly
+    round(s * numel) (docs/algorithms.md, "SparseGPT": where we differ by convention)."""
+    rng = np.random.default_rng(14)
+    w = rng.normal(size=(16, 128)).astype(np.float32)
+    _, keep = sparsegpt.prune_layer(jnp.asarray(w), jnp.eye(128), sparsity=0.5)
+    scores = np.abs(w).ravel()
+    published = int(np.sum(scores <= np.sort(scores)[int(scores.size * 0.5)]))
+    assert published == 1025  # the reference's convention, computed here
+    assert int((~np.asarray(keep)).sum()) == 1024 == published - 1

@@ -17,7 +17,7 @@ import pytest
 from configs import dense
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--config.data.seq_len=32", "--config.data.shuffle_buffer=8",
+SMALL = ["--config.data.seq_len=32",
          "--config.train.batch_size=8", "--config.train.eval_batches=1",
          "--config.optimizer.warmup_steps=2", "--config.train.log_every=1"]
 
@@ -135,8 +135,7 @@ def test_continue_training_a_hugging_face_checkpoint_on_a_text_file(tmp_path):
     exported = tmp_path / "run" / "hf"
     # The same evaluation windows, computed by transformers from the exported directory.
     config = dense.get_config("tiny")
-    config.data.update(seq_len=32, path=str(train_file), eval_path=str(eval_file),
-                       shuffle_buffer=8)
+    config.data.update(seq_len=32, path=str(train_file), eval_path=str(eval_file))
     tokenizer = load_tokenizer(exported)
     batches = pipeline.eval_batches(config.data, tokenizer, seq_len=32, batch_size=8,
                                     max_batches=2)
@@ -200,4 +199,4 @@ def test_the_tiny_config_learns_the_embedded_corpus(tmp_path):
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["eval_perplexity"] < 30, summary  # measured 22.0; unigram: 202
+    assert summary["eval_perplexity"] < 30, summary  # measured 20.6; unigram: 202

@@ -20,7 +20,6 @@ def small_config(steps=6):
     """The tiny variant cut down to seconds: 8 rows of 32 tokens, one eval batch."""
     config = dense.get_config("tiny")
     config.data.seq_len = 32
-    config.data.shuffle_buffer = 8
     config.train.update(steps=steps, batch_size=8, log_every=1, eval_every=0, eval_batches=1,
                         checkpoint_every=3, keep_checkpoints=5)
     config.optimizer.warmup_steps = 2

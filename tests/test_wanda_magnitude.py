@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from sparse_llama.pruning import hessian, magnitude, quantize, wanda
-from sparse_llama.pruning.magnitude import count_for, prune_smallest, prune_smallest_nm
-from sparse_llama.sparsity.masks import check_nm
+from sparse_llama.pruning.magnitude import count_for, mask_smallest, mask_smallest_nm
+from sparse_llama.sparsity.masks import NM_AXIS_HF, check_nm
 
 
 def _smallest_reference(scores, k, forced, excluded):
-    """Stable-argsort reference of `prune_smallest` on one problem (any shape)."""
+    """Stable-argsort reference of `mask_smallest` on one problem (any shape): True = pruned."""
     flat, f, e = scores.reshape(-1), forced.reshape(-1), excluded.reshape(-1)
     candidates = ~f & ~e
     k_new = int(np.clip(k - f.sum(), 0, candidates.sum()))
@@ -35,10 +35,11 @@ def _nm_reference(scores, n, m, forced):
 
 @functools.partial(jax.jit, static_argnames=("batch_dims",))
 def _jit_smallest(scores, k, forced, excluded, batch_dims):
-    return prune_smallest(scores, k, forced=forced, excluded=excluded, batch_dims=batch_dims)
+    """True = pruned, from the keep-polarity library function (forced: True = pruned)."""
+    return ~mask_smallest(scores, k, mask=~forced, excluded=excluded, batch_dims=batch_dims)
 
 
-def test_prune_smallest_is_a_stable_argsort_with_ties():
+def test_mask_smallest_is_a_stable_argsort_with_ties():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=(6, 10)).astype(np.float32)  # many ties
     scores[0, 0] = -0.0  # sorts as +0.0
@@ -54,14 +55,45 @@ def test_prune_smallest_is_a_stable_argsort_with_ties():
     np.testing.assert_array_equal(np.asarray(per_row), want)
 
 
-def test_prune_smallest_nm_breaks_ties_by_position():
+def test_mask_smallest_nm_breaks_ties_by_position():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 3, size=(5, 16)).astype(np.float32)
     forced = rng.random((5, 16)) < 0.25
-    got = prune_smallest_nm(jnp.asarray(scores), 2, 4, forced=jnp.asarray(forced))
-    np.testing.assert_array_equal(np.asarray(got), _nm_reference(scores, 2, 4, forced))
-    along0 = prune_smallest_nm(jnp.asarray(scores.T), 2, 4, forced=jnp.asarray(forced.T), axis=0)
+    got = mask_smallest_nm(jnp.asarray(scores), 2, 4, mask=jnp.asarray(~forced))
+    np.testing.assert_array_equal(~np.asarray(got), _nm_reference(scores, 2, 4, forced))
+    along0 = mask_smallest_nm(jnp.asarray(scores.T), 2, 4, mask=jnp.asarray(~forced.T), axis=0)
     np.testing.assert_array_equal(np.asarray(along0).T, np.asarray(got))
+
+
+@pytest.mark.parametrize("nan", [np.float32(np.nan), -np.float32(np.nan)],
+                         ids=["+nan", "-nan"])
+def test_nan_scores_are_never_pruned_whatever_their_sign(nan):
+    # -NaN has a negative int32 bit pattern: the bisection on float bits pruned it first.
+    scores = np.arange(1.0, 9.0, dtype=np.float32).reshape(2, 4)
+    scores[0, 2] = scores[1, 0] = nan
+    assert np.signbit(scores[0, 2]) == np.signbit(nan)  # the sign survived the assignment
+    keep = np.asarray(mask_smallest(jnp.asarray(scores), 3))
+    # The three smallest finite scores 1, 2, 4 go; both NaNs stay (fails if a NaN is pruned).
+    np.testing.assert_array_equal(keep, [[False, False, True, False], [True, True, True, True]])
+    per_row = np.asarray(mask_smallest(jnp.asarray(scores), 2, batch_dims=1))
+    np.testing.assert_array_equal(per_row, [[False, False, True, True], [True, False, False, True]])
+    # N:M ranks NaN as +inf: 2:4 prunes the two smallest finite entries of each group.
+    nm = np.asarray(mask_smallest_nm(jnp.asarray(scores), 2, 4))
+    np.testing.assert_array_equal(nm, [[False, False, True, True], [True, False, False, True]])
+
+
+def test_solvers_refuse_nan_and_inf():
+    from sparse_llama.pruning.magnitude import NonFiniteError
+
+    w, x = _layer()
+    sq = jnp.asarray((x ** 2).sum(axis=(0, 1)))
+    bad_w = jnp.asarray(w).at[3, 7].set(-jnp.nan)
+    with pytest.raises(NonFiniteError, match="the weight has 1 NaN/inf"):
+        magnitude.prune_layer(bad_w, sparsity=0.5)
+    with pytest.raises(NonFiniteError, match="the weight has 1 NaN/inf"):
+        wanda.prune_layer(bad_w, sq, sparsity=0.5)
+    with pytest.raises(NonFiniteError, match="squared input norms has 1 NaN/inf"):
+        wanda.prune_layer(jnp.asarray(w), sq.at[5].set(jnp.inf), sparsity=0.5)
 
 
 def _layer(rows=16, cols=64, seed=0):
@@ -101,7 +133,7 @@ def test_wanda_nm_and_mask_extension():
     w, x = _layer(seed=2)
     sq = jnp.asarray((x ** 2).sum(axis=(0, 1)))
     got, mask = wanda.prune_layer(jnp.asarray(w), sq, sparsity=0.0, n=2, m=4)
-    assert check_nm(np.asarray(mask), 2, 4)
+    assert check_nm(np.asarray(mask), 2, 4, axis=NM_AXIS_HF)
     want = _nm_reference(np.abs(w) * np.sqrt(np.asarray(sq)), 2, 4, np.zeros(w.shape, bool))
     np.testing.assert_array_equal(~np.asarray(mask), want)
     old = np.asarray(wanda.prune_layer(jnp.asarray(w), sq, sparsity=0.5)[1])
@@ -129,7 +161,7 @@ def test_magnitude_nm_extension_and_dtype():
                                       mask=jnp.asarray(old))
     mask = np.asarray(mask)
     assert got.dtype == jnp.bfloat16
-    assert check_nm(mask, 4, 8) and not np.any(mask & ~old)
+    assert check_nm(mask, 4, 8, axis=NM_AXIS_HF) and not np.any(mask & ~old)
     assert np.all(np.asarray(got, np.float32)[~mask] == 0.0)
 
 

@@ -1,54 +1,63 @@
-"""Packing tokenized documents into fixed-length rows (concatenate, then split).
+"""Windows of `seq_len` cut from a token stream of framed documents, by index.
 
-A document with tokens a1..an becomes the example
+A document with tokens a1..an is framed as
 
-    x       = [BOS] a1 .. an EOS          (BOS only when the tokenizer has one)
+    x       = [BOS] a1 .. an EOS          (BOS only when asked for and the tokenizer has one)
     inputs  = x[:-1]                      [BOS] a1 .. an
     targets = x[1:]                                 a1 .. an EOS
 
 so every input predicts the next token of its own document: the last token predicts EOS
 (generation learns to stop), and no position predicts the first token of the next document
-from the previous one (targets never cross a document boundary, by construction). Examples are
-concatenated and cut into rows of `seq_len`; a document that does not fit continues at the
-start of the next row. Each row carries
+from the previous one (targets never cross a document boundary, by construction). A source's
+documents are framed and concatenated once (data/tokens.py); the pipeline then trains on a
+selection of `Pieces`: runs of consecutive (input, target) pairs of one document each, whole
+documents or a part of one (a held-out tail). The pairs of all pieces, in order, form one
+stream, and window k is pairs [k * seq_len, (k + 1) * seq_len) of it: non-overlapping, so an
+epoch trains every target exactly once, and random access (no reading of earlier windows).
+Each window is a row of
 
     inputs, targets  (t,) int32   zeros on padding
-    segment_ids      (t,) int32   1..k for the k document pieces in the row, 0 = padding
-    positions        (t,) int32   0, 1, 2, ... restarting at every piece (a continued document
-                                  restarts too: it cannot see its first part anyway)
+    segment_ids      (t,) int32   1..k for the k pieces in the window, 0 = padding
+    positions        (t,) int32   0, 1, 2, ... restarting at every piece (a piece continued
+                                  from the previous window restarts too: it cannot see its
+                                  first part anyway)
     loss_mask        (t,) float32 1 where the target is trained, 0 on padding
 
-Padding only appears in the last row of a finite stream. Example (seq_len 4, BOS 1, EOS 2,
+Only the last window of a selection can be padded. Example (seq_len 4, BOS 1, EOS 2,
 documents [5 6 7] and [8]):  x = 1 5 6 7 2 | 1 8 2
 
     row 0: inputs 1 5 6 7  targets 5 6 7 2  segment_ids 1 1 1 1  positions 0 1 2 3
     row 1: inputs 1 8 0 0  targets 8 2 0 0  segment_ids 1 1 0 0  positions 0 1 0 0
 
-The packer is a grain transformation whose state is (the parent's state before the document
-being cut, the offset into it): JSON-serialisable, and restoring it re-reads one document.
-(grain 0.2.18's ConcatThenSplitIterDataset keeps tuples in its state, which a JSON round trip
-turns into lists that its `set_state` misreads, and it restores by replaying elements.)
+A plain text file is one document, so its windows are plain stream windows: one segment,
+positions 0..t-1, BOS only in the first window.
 """
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import dataclasses
+from collections.abc import Sequence
 
-import grain
 import numpy as np
 
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def document_example(ids: Sequence[int], *, eos_id: int,
-                     bos_id: int | None = None) -> dict[str, np.ndarray]:
-    """{"inputs", "targets"}: int32 (n,) each, n = len(ids) + (bos_id is not None)."""
-    x = np.empty(len(ids) + 1 + (bos_id is not None), np.int32)
+def frame_document(ids: Sequence[int], *, eos_id: int, bos_id: int | None = None
+                   ) -> np.ndarray:
+    """x = [BOS] ids EOS as int64 (n + 1 + (bos_id is not None),)."""
+    x = np.empty(len(ids) + 1 + (bos_id is not None), np.int64)
     start = 0
     if bos_id is not None:
         x[0] = bos_id
         start = 1
     x[start:-1] = ids
     x[-1] = eos_id
+    return x
+
+
+def document_example(ids: Sequence[int], *, eos_id: int,
+                     bos_id: int | None = None) -> dict[str, np.ndarray]:
+    """{"inputs", "targets"}: int32 (n,) each, n = len(ids) + (bos_id is not None)."""
+    x = frame_document(ids, eos_id=eos_id, bos_id=bos_id).astype(np.int32)
     return {"inputs": x[:-1], "targets": x[1:]}
 
 
@@ -59,90 +68,97 @@ def empty_row(seq_len: int) -> dict[str, np.ndarray]:
     return row
 
 
-class _PackIterator(grain.DatasetIterator):
-    """Emits rows of `seq_len` cut from the concatenation of the parent's examples."""
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+    """Runs of (input, target) pairs in a token array: run i trains
+    tokens[starts[i] + j] -> tokens[starts[i] + j + 1] for j < lengths[i]."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._arange = np.arange(seq_len, dtype=np.int32)
-        self._doc: dict[str, np.ndarray] | None = None  # the example being cut
-        self._doc_parent_state: Any = None  # the parent's state just before `_doc`
-        self._offset = 0  # tokens of `_doc` already emitted
-        self._exhausted = False
+    starts: np.ndarray  # (r,) int64
+    lengths: np.ndarray  # (r,) int64, all positive
 
-    def _next_doc(self) -> bool:
-        """Load the next non-empty example; False when the parent is exhausted."""
-        while not self._exhausted:
-            state = self._parent.get_state()
-            try:
-                doc = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                break
-            if len(doc["inputs"]):
-                self._doc, self._doc_parent_state, self._offset = doc, state, 0
-                return True
-        return False
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        t = self._seq_len
-        row = empty_row(t)
-        filled, segment = 0, 0
-        while filled < t:
-            if self._doc is None and not self._next_doc():
-                break
-            doc_len = len(self._doc["inputs"])
-            n = min(doc_len - self._offset, t - filled)
-            piece = slice(self._offset, self._offset + n)
-            out = slice(filled, filled + n)
-            row["inputs"][out] = self._doc["inputs"][piece]
-            row["targets"][out] = self._doc["targets"][piece]
-            segment += 1
-            row["segment_ids"][out] = segment
-            row["positions"][out] = self._arange[:n]
-            row["loss_mask"][out] = 1.0
-            filled += n
-            self._offset += n
-            if self._offset == doc_len:
-                self._doc = None
-        if filled == 0:
-            raise StopIteration
-        return row
-
-    def get_state(self) -> dict[str, Any]:
-        if self._doc is None:
-            return {"parent": self._parent.get_state(), "offset": 0}
-        return {"parent": self._doc_parent_state, "offset": self._offset}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._doc, self._offset, self._exhausted = None, 0, False
-        if state["offset"]:
-            if not self._next_doc():
-                raise ValueError(f"cannot restore packing state {state}: the parent has no "
-                                 "document there (was the data changed?)")
-            self._offset = int(state["offset"])
+    @property
+    def total(self) -> int:
+        """Number of (input, target) pairs."""
+        return int(self.lengths.sum())
 
 
-class PackIterDataset(grain.IterDataset):
-    """Rows of `seq_len` (see the module docstring) from a dataset of `document_example`s."""
+def document_pieces(bounds: np.ndarray, documents: np.ndarray | None = None) -> Pieces:
+    """The pieces of whole documents (all, or those at the indices `documents`, in that
+    order) of a stream whose document d is tokens[bounds[d]:bounds[d + 1]]. A framed
+    document of m tokens has m - 1 pairs; documents with none are dropped."""
+    bounds = np.asarray(bounds, np.int64)
+    starts, ends = bounds[:-1], bounds[1:]
+    if documents is not None:
+        starts, ends = starts[documents], ends[documents]
+    lengths = ends - starts - 1
+    keep = lengths > 0
+    return Pieces(starts[keep], lengths[keep])
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
+
+def tail_split(pieces: Pieces, fraction: float) -> tuple[Pieces, Pieces]:
+    """(head, tail) of the pair stream: the tail holds its last round(fraction * total) pairs
+    (at least one when fraction > 0, never all of them), cut inside a piece if need be."""
+    total = pieces.total
+    held = min(max(round(fraction * total), 1 if fraction > 0 else 0), max(total - 1, 0))
+    begins = np.cumsum(pieces.lengths) - pieces.lengths
+    head_lengths = np.clip(total - held - begins, 0, pieces.lengths)
+    tail_lengths = pieces.lengths - head_lengths
+    head, tail = head_lengths > 0, tail_lengths > 0
+    return (Pieces(pieces.starts[head], head_lengths[head]),
+            Pieces((pieces.starts + head_lengths)[tail], tail_lengths[tail]))
+
+
+class Windows:
+    """The rows of `pieces` of `tokens`, `seq_len` pairs each (see the module docstring).
+
+    A random-access grain data source: `len(w)` windows, `w[k]` the k-th row. Reading a
+    window gathers its seq_len + 1 tokens from `tokens` (a memory map is fine) and costs a
+    binary search over the pieces.
+    """
+
+    def __init__(self, tokens: np.ndarray, pieces: Pieces, seq_len: int):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
-        super().__init__(parent)
-        self._seq_len = seq_len
+        self._tokens, self._seq_len = tokens, seq_len
+        self._starts = np.asarray(pieces.starts, np.int64)
+        self._lengths = np.asarray(pieces.lengths, np.int64)
+        self._ends = np.cumsum(self._lengths)  # pair index just after each piece
+        self._total = int(self._ends[-1]) if len(self._ends) else 0
+        self._arange = np.arange(seq_len, dtype=np.int64)
 
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len)
+    @property
+    def pairs(self) -> int:
+        """Number of (input, target) pairs over all windows (the trained tokens)."""
+        return self._total
 
-    def __str__(self) -> str:
-        return f"PackIterDataset(seq_len={self._seq_len})"
+    def __len__(self) -> int:
+        return -(-self._total // self._seq_len)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        k = int(k)
+        if not 0 <= k < len(self):
+            raise IndexError(f"window {k} of {len(self)}")
+        first = k * self._seq_len
+        n = min(self._seq_len, self._total - first)
+        pair = first + self._arange[:n]
+        piece = np.searchsorted(self._ends, pair, side="right")
+        piece_begin = self._ends[piece] - self._lengths[piece]
+        src = self._starts[piece] + (pair - piece_begin)
+        row = empty_row(self._seq_len)
+        row["inputs"][:n] = self._tokens[src]
+        row["targets"][:n] = self._tokens[src + 1]
+        row["segment_ids"][:n] = piece - piece[0] + 1
+        row["positions"][:n] = pair - np.maximum(piece_begin, first)
+        row["loss_mask"][:n] = 1.0
+        return row
 
 
-def pack(token_lists: Iterable[Sequence[int]], seq_len: int, *, eos_id: int,
+def pack(token_lists: Sequence[Sequence[int]], seq_len: int, *, eos_id: int,
          bos_id: int | None = None) -> list[dict[str, np.ndarray]]:
-    """All rows from tokenized documents, in order (the last one padded): for small data."""
-    examples = [document_example(ids, eos_id=eos_id, bos_id=bos_id) for ids in token_lists]
-    return list(PackIterDataset(grain.MapDataset.source(examples).to_iter_dataset(), seq_len))
+    """All rows of tokenized documents, in order (the last one padded): for small data."""
+    framed = [frame_document(ids, eos_id=eos_id, bos_id=bos_id) for ids in token_lists]
+    bounds = np.zeros(len(framed) + 1, np.int64)
+    np.cumsum([len(x) for x in framed], out=bounds[1:])
+    tokens = np.concatenate(framed) if framed else np.zeros(0, np.int64)
+    windows = Windows(tokens, document_pieces(bounds), seq_len)
+    return [windows[k] for k in range(len(windows))]

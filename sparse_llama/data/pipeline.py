@@ -1,27 +1,47 @@
-"""The grain input pipeline: mixture of sources -> tokenize -> pack -> mix -> shuffle -> batch.
+"""The grain input pipeline: sources -> token streams -> windows -> shuffle -> mix -> shard.
 
-Per source (its train split, this process's shard of its documents):
+Per source of the mixture:
 
-    MapDataset.source(docs)          documents (str), sources.Documents
-      .shuffle(seed).repeat()        a new document order every epoch, forever
-      .map(tokenize)                 packing.document_example, lazily, in `num_threads` threads
-      .to_iter_dataset(...)
-    PackIterDataset(seq_len)         rows (packing.py)
+    tokens.tokenized(source)              its documents framed [BOS] text EOS and concatenated,
+                                          tokenized once and cached on disk (data/tokens.py)
+    packing.Windows(train pieces)         non-overlapping seq_len windows of the training part,
+                                          read by index (packing.py defines the rows)
+    MapDataset.source(windows)
+      .shuffle(seed_s).repeat()           a full permutation of all windows, a new one per epoch
 
-then all sources: `IterDataset.mix(rows, weights)` (grain interleaves rows deterministically in
-proportion to the normalised weights, so weights are fractions of training TOKENS), a window
-shuffle of `shuffle_buffer` rows (so a long file does not fill whole batches), `batch`, and an
-optional background-thread prefetch. Each process reads the documents i with
-i % process_count == process_index of every source (disjoint, covering) and yields its local
-batch (global_batch_size // process_count rows).
+What a document is: a plain text file is ONE document (a token stream: BOS at its start, EOS at
+its end, attention across its paragraphs), a folder of text files a document per file; blank-
+line paragraphs only with text_split="blank_lines". JSONL lines, Parquet rows and the embedded
+corpus's files are documents: segment ids keep attention inside each and positions restart.
+
+Chat / instruction data: a JSONL source whose first record is `{"prompt", "response"}` or
+`{"messages": [...]}` is a chat source (data/chat.py): its conversations are rendered with the
+chat template of `tokenizer_dir` (the train_iterator / eval_batches argument; the plain
+template without one, or with data.chat_template="plain"), tokenized in memory, and read as
+`chat.ChatWindows`: the same rows, with loss_mask 1 only where the target is an assistant
+token. Conversations are documents for packing and for the held-out split.
+
+Then all sources: `MapDataset.mix(parts, weights)` interleaves windows deterministically in
+proportion to the normalised weights (every window holds seq_len trained tokens, so weights
+are shares of training TOKENS); process p of P takes mixed windows p, p + P, p + 2P, ...
+(disjoint, covering; so global batch g is mixed windows [g * B, (g + 1) * B) for any P), and
+batches them by B / P; an optional background thread prefetches batches.
+
+Validation: data.eval_path if set (its windows, all of them, and training uses all of every
+source); else the embedded corpus's fixed split (corpus.py); else, for a source of several
+documents, the documents whose id hash falls below data.validation_fraction (by document, so a
+document is never on both sides); and for a source of one document (a single text file) the
+last validation_fraction of its tokens: a contiguous tail, so no validation window overlaps
+or neighbours training text, as a wikitext-style test split.
 
 Batches are dicts of numpy arrays (b = rows, t = seq_len):
     inputs, targets, segment_ids, positions  (b, t) int32
     loss_mask                                (b, t) float32
-(packing.py defines their meaning). The iterator is a `grain.DatasetIterator`: `get_state()`
-is a JSON-serialisable dict and `set_state(state)` on a freshly built iterator (same config,
-tokenizer, seed and process layout) continues with exactly the next batch; grain's orbax
-`grain.checkpoint.CheckpointHandler` saves it too.
+The iterator is a `grain.DatasetIterator`; `get_state()` is a small JSON dict (the next batch
+index and the data layout it indexes) and `set_state(state)` on a freshly built iterator (same
+config, tokenizer, seed and process layout) continues with exactly the next batch, at once:
+windows are read by index, nothing is replayed. A state of another data layout (the data or
+seq_len changed) is refused.
 
 Config keys: see `data()` in configs/blocks.py.
 """
@@ -30,13 +50,14 @@ import dataclasses
 import hashlib
 import heapq
 import itertools
+import os
 from collections.abc import Iterator, Mapping
 
 import grain
 import numpy as np
 
-from sparse_llama.data import corpus, sources
-from sparse_llama.data.packing import PackIterDataset, document_example, empty_row
+from sparse_llama.data import chat, corpus, sources, tokens
+from sparse_llama.data.packing import Pieces, document_pieces, empty_row, tail_split
 from sparse_llama.data.tokenizer import Tokenizer
 
 DEFAULT_KINDS = {"default_code": "code", "default_prose": "prose"}
@@ -44,6 +65,11 @@ KINDS = (*sources.READERS, *DEFAULT_KINDS)
 DEFAULT_MIXTURE = {"text": {"kind": "default_prose", "weight": 0.7},
                    "code": {"kind": "default_code", "weight": 0.3}}
 _SOURCE_KEYS = {"kind", "path", "weight", "text_field", "text_split"}
+_REMOVED_KEYS = {
+    "shuffle_buffer": "training windows are now shuffled globally (a full permutation of "
+                      "every source's windows per epoch); delete the key (data.shuffle=False "
+                      "reads windows in stream order)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +88,27 @@ def _as_dict(entry) -> dict:
     return entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
 
 
+def check_data_config(data_cfg) -> None:
+    """Raise ValueError naming the key and the fix for a data section the pipeline cannot use
+    (the per-source checks are in `mixture`)."""
+    for key, why in _REMOVED_KEYS.items():
+        if key in data_cfg:
+            raise ValueError(f"data.{key} is no longer a setting: {why}")
+    split = data_cfg.get("text_split", "auto")
+    if split not in sources.TEXT_SPLITS:
+        raise ValueError(f"data.text_split must be one of {sources.TEXT_SPLITS}, got {split!r}")
+    fraction = data_cfg.get("validation_fraction", 0.03)
+    if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
+        raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
+    shuffle = data_cfg.get("shuffle", True)
+    if not isinstance(shuffle, bool):
+        raise ValueError(f"data.shuffle must be True or False, got {shuffle!r}")
+
+
 def mixture(data_cfg) -> list[SourceSpec]:
     """The sources the config trains on, validated: `path` if set, else `sources`, else the
     embedded mixture (prose 0.7 / code 0.3). Sorted by name."""
+    check_data_config(data_cfg)
     field, split = data_cfg.get("text_field", "text"), data_cfg.get("text_split", "auto")
     if data_cfg.get("path"):
         entries = {"path": {"path": data_cfg.path, "kind": sources.infer_kind(data_cfg.path)}}
@@ -105,79 +149,90 @@ def _read(spec: SourceSpec) -> sources.Documents:
                                   text_split=spec.text_split)
 
 
-def source_splits(spec: SourceSpec,
-                  data_cfg) -> tuple[sources.Documents, sources.Documents | None]:
-    """(train documents, validation documents or None when data.eval_path replaces them)."""
+def tokenized(spec: SourceSpec, data_cfg, tokenizer: Tokenizer,
+              tokenizer_dir: str | None = None) -> tokens.TokenizedSource | chat.ChatStream:
+    """Every document of `spec`, tokenized and framed (cached; data/tokens.py). A JSONL of
+    chat / instruction records (data/chat.py) is rendered with the chat template of
+    `tokenizer_dir` (or the plain one) and keeps its assistant-only trained flags."""
+    if spec.kind == "jsonl" and chat.is_chat_jsonl(spec.path):
+        return chat.chat_stream(spec.path, tokenizer, tokenizer_dir,
+                                chat_template=data_cfg.get("chat_template", "auto"),
+                                add_bos=bool(data_cfg.get("add_bos", True)))
+    options = {"add_bos": bool(data_cfg.get("add_bos", True)),
+               "num_threads": int(data_cfg.get("num_threads", 1)),
+               "cache_dir": data_cfg.get("token_cache") or None}
     if spec.kind in DEFAULT_KINDS:
-        train, validation = corpus.split(DEFAULT_KINDS[spec.kind])
-        return train, validation
-    docs = _read(spec)
-    if data_cfg.get("eval_path"):
-        return docs, None
-    return sources.holdout_split(docs, float(data_cfg.get("validation_fraction", 0.03)))
+        name = DEFAULT_KINDS[spec.kind]
+        return tokens.tokenized(["embedded", name, corpus.build_key()],
+                                lambda: corpus.documents(name), tokenizer, **options)
+    path = os.path.abspath(os.path.expanduser(spec.path))
+    how = spec.text_field if spec.kind != "text" else spec.text_split.replace("auto", "file")
+    key = ["file", spec.kind, path, how, sources.fingerprint(path)]
+    return tokens.tokenized(key, lambda: _read(spec), tokenizer, **options)
 
 
-def shard(docs: sources.Documents, process_index: int,
-          process_count: int) -> sources.Subset:
-    """This process's documents: those with index % process_count == process_index."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if len(docs) < process_count:
-        raise ValueError(f"{docs.path} has {len(docs)} training documents, fewer than the "
-                         f"{process_count} processes that each read their own share")
-    return sources.Subset(docs, np.arange(process_index, len(docs), process_count))
+def source_pieces(spec: SourceSpec, data_cfg, tokenizer: Tokenizer,
+                  tokenizer_dir: str | None = None
+                  ) -> tuple[tokens.TokenizedSource | chat.ChatStream, Pieces, Pieces | None]:
+    """(the source's tokens, its training pieces, its validation pieces or None when
+    data.eval_path replaces them); the split rules are in the module docstring."""
+    stream = tokenized(spec, data_cfg, tokenizer, tokenizer_dir)
+    bounds = stream.bounds
+    if spec.kind in DEFAULT_KINDS:
+        train_docs, validation_docs = corpus.split(DEFAULT_KINDS[spec.kind])
+        train = document_pieces(bounds, train_docs.indices)
+        validation = document_pieces(bounds, validation_docs.indices)
+    elif data_cfg.get("eval_path"):
+        train, validation = document_pieces(bounds), None
+    else:
+        fraction = float(data_cfg.get("validation_fraction", 0.03))
+        if stream.num_documents == 1:
+            train, validation = tail_split(document_pieces(bounds), fraction)
+        else:
+            held = sources.holdout_mask(stream.id_hash, fraction, spec.path)
+            train = document_pieces(bounds, np.flatnonzero(~held))
+            validation = document_pieces(bounds, np.flatnonzero(held))
+    if not train.total:
+        raise ValueError(f"data.sources.{spec.name}: {spec.path or spec.kind} has no training "
+                         "tokens (its documents are empty or all held out for validation)")
+    return stream, train, validation
 
 
 def _seed(seed: int, name: str) -> int:
     """A 31-bit seed for `name`, so sources shuffle independently of each other. 31 bits:
-    grain's window shuffle uses seed + window index, which must stay below 2**32."""
+    grain's shuffle uses seed + epoch, which must stay below 2**32."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:4], "little") % 2**31
 
 
-def _rows(docs: sources.Documents, tokenizer: Tokenizer, seq_len: int, data_cfg, *,
-          seed: int | None) -> grain.IterDataset:
-    """Packed rows of `docs`: shuffled and repeated forever when `seed` is given, else once."""
-    bos_id = tokenizer.bos_id if data_cfg.get("add_bos", True) else None
-    eos_id = tokenizer.eos_id
+class DataIterator(grain.DatasetIterator):
+    """The pipeline's iterator: batches of the parent, with the data layout in its state."""
 
-    def to_example(text: str) -> dict[str, np.ndarray]:
-        return document_example(tokenizer.encode(text), eos_id=eos_id, bos_id=bos_id)
+    def __init__(self, parent: grain.DatasetIterator, layout: dict):
+        super().__init__(parent)
+        self._layout = layout
 
-    ds = grain.MapDataset.source(docs)
-    if seed is not None:
-        ds = ds.shuffle(seed=seed).repeat()
-    threads = int(data_cfg.get("num_threads", 1))
-    ds = ds.map(to_example).to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=2 * threads))
-    return PackIterDataset(ds, seq_len)
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
 
+    def get_state(self) -> dict:
+        return {"batches": self._parent.get_state(), "layout": self._layout}
 
-def train_dataset(data_cfg, tokenizer: Tokenizer, *, seq_len: int, local_batch_size: int,
-                  seed: int, process_index: int = 0, process_count: int = 1
-                  ) -> grain.IterDataset:
-    """The infinite dataset of local batches (see the module docstring)."""
-    specs = mixture(data_cfg)
-    parts = []
-    for spec in specs:
-        train, _ = source_splits(spec, data_cfg)
-        parts.append(_rows(shard(train, process_index, process_count), tokenizer, seq_len,
-                           data_cfg, seed=_seed(seed, spec.name)))
-    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [s.weight for s in specs])
-    window = int(data_cfg.get("shuffle_buffer", 128))
-    if window > 1:
-        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window,
-                                                         seed=_seed(seed, "rows"))
-    ds = ds.batch(local_batch_size, drop_remainder=True)
-    prefetch = int(data_cfg.get("prefetch_batches", 2))
-    if prefetch > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return ds
+    def set_state(self, state: dict) -> None:
+        layout = state.get("layout") if isinstance(state, dict) else None
+        if layout != self._layout:
+            raise ValueError(
+                f"the data-iterator state to restore indexes another data layout ({layout}) "
+                f"than this run's ({self._layout}): the data, data.seq_len or the data "
+                "shards changed since it was saved (or it predates the windowed pipeline); "
+                "resume with the same data, or train into a new workdir")
+        self._parent.set_state(state["batches"])
 
 
 def train_iterator(data_cfg, tokenizer: Tokenizer, *, seq_len: int, global_batch_size: int,
                    seed: int, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_count: int | None = None,
+                   tokenizer_dir: str | None = None) -> DataIterator:
     """This process's share of every global batch, forever, with exact get/set_state.
 
     process_index / process_count default to jax.process_index() / jax.process_count().
@@ -194,12 +249,31 @@ def train_iterator(data_cfg, tokenizer: Tokenizer, *, seq_len: int, global_batch
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
                          f"of the process count {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    ds = train_dataset(data_cfg, tokenizer, seq_len=seq_len,
-                       local_batch_size=global_batch_size // process_count, seed=seed,
-                       process_index=process_index, process_count=process_count)
-    return ds.__iter__()
+    specs = mixture(data_cfg)
+    parts, windows = [], {}
+    for spec in specs:
+        stream, train, _ = source_pieces(spec, data_cfg, tokenizer, tokenizer_dir)
+        source = chat.windows(stream, train, seq_len)
+        windows[spec.name] = len(source)
+        ds = grain.MapDataset.source(source)
+        if data_cfg.get("shuffle", True):
+            ds = ds.shuffle(seed=_seed(seed, spec.name))
+        parts.append(ds.repeat())
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in specs])
+    ds = ds[process_index::process_count].batch(global_batch_size // process_count,
+                                                drop_remainder=True)
+    # Reading a batch is a few numpy gathers: no reader threads, one prefetch thread at most.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    prefetch = int(data_cfg.get("prefetch_batches", 2))
+    if prefetch > 0:
+        it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=prefetch)
+    layout = {"seq_len": seq_len, "windows": windows, "shard": [process_index, process_count],
+              "shuffle": bool(data_cfg.get("shuffle", True))}
+    return DataIterator(it_ds.__iter__(), layout)
 
 
 def _interleave(streams: Mapping[str, Iterator[dict]],
@@ -217,29 +291,34 @@ def _interleave(streams: Mapping[str, Iterator[dict]],
 
 
 def eval_batches(data_cfg, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                 max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+                 max_batches: int | None = None,
+                 tokenizer_dir: str | None = None) -> list[dict[str, np.ndarray]]:
     """Deterministic validation batches (same keys and dtypes as training, (batch_size, t)).
 
-    The documents are data.eval_path's if set, else the held-out split of every source,
-    unshuffled, with sources' rows interleaved in proportion to their weights. The last batch
-    is completed with all-padding rows (loss_mask 0). Every process gets the same batches.
+    The windows are data.eval_path's if set, else the held-out part of every source, in
+    stream order, with sources' windows interleaved in proportion to their weights. The last
+    batch is completed with all-padding rows (loss_mask 0). Every process gets the same.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_data_config(data_cfg)
     if data_cfg.get("eval_path"):
-        eval_spec = SourceSpec("eval", sources.infer_kind(data_cfg.eval_path),
-                               str(data_cfg.eval_path), 1.0, data_cfg.get("text_field", "text"),
-                               data_cfg.get("text_split", "auto"))
-        docs = {"eval": _read(eval_spec)}
+        spec = SourceSpec("eval", sources.infer_kind(data_cfg.eval_path),
+                          str(data_cfg.eval_path), 1.0, data_cfg.get("text_field", "text"),
+                          data_cfg.get("text_split", "auto"))
+        stream = tokenized(spec, data_cfg, tokenizer, tokenizer_dir)
+        windows = {"eval": chat.windows(stream, document_pieces(stream.bounds), seq_len)}
         weights = {"eval": 1.0}
     else:
         specs = mixture(data_cfg)
-        docs = {s.name: source_splits(s, data_cfg)[1] for s in specs}
+        windows = {}
+        for spec in specs:
+            stream, _, validation = source_pieces(spec, data_cfg, tokenizer, tokenizer_dir)
+            windows[spec.name] = chat.windows(stream, validation, seq_len)
         weights = {s.name: s.weight for s in specs}
-    streams = {name: iter(_rows(d, tokenizer, seq_len, data_cfg, seed=None))
-               for name, d in docs.items() if len(d)}
+    streams = {name: (w[k] for k in range(len(w))) for name, w in windows.items() if len(w)}
     if not streams:
-        raise ValueError("no validation documents: set data.eval_path or a positive "
+        raise ValueError("no validation data: set data.eval_path or a positive "
                          "data.validation_fraction")
     rows = _interleave(streams, weights)
     batches = []

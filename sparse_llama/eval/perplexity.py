@@ -1,4 +1,4 @@
-"""Wikitext-style perplexity (REFERENCES.md section 1).
+"""Wikitext-style perplexity (docs/algorithms.md, "Perplexity protocol").
 
 The whole text is tokenized once (no BOS inserted), cut into non-overlapping windows of
 `seq_len` tokens (the incomplete tail is dropped), and the mean next-token NLL over every
@@ -53,6 +53,14 @@ def _window_nll_jit(params, windows, weights, config, masks):
     return window_nll(params, windows, weights, config, masks)
 
 
+def check_token_ids(windows: np.ndarray, vocab_size: int) -> None:
+    """ValueError when a window holds an id outside the embedding (`jnp.take` would give NaN)."""
+    if windows.size and (windows.min() < 0 or windows.max() >= vocab_size):
+        raise ValueError(f"the evaluation tokens span ids [{windows.min()}, {windows.max()}] but "
+                         f"the model's embedding has {vocab_size} rows: the tokenizer does not "
+                         "belong to this model")
+
+
 def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
                      batch_size: int = 8, masks=None, mesh: Mesh | None = None,
                      rules: dict | None = None, progress=None) -> PerplexityResult:
@@ -60,8 +68,11 @@ def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
 
     With a mesh, batches are sharded over the rule for 'batch' (padded with zero-weight
     windows to a multiple of the batch size); params are expected to be placed already.
+    Raises ValueError for ids outside the vocabulary and for a non-finite NLL (the model's
+    logits are not finite), so a perplexity is always a finite number.
     """
     check_context(windows.shape[1], config)
+    check_token_ids(windows, config.vocab_size)
     n = windows.shape[0]
     padded = math.ceil(n / batch_size) * batch_size
     all_windows = np.zeros((padded, windows.shape[1]), np.int32)
@@ -78,7 +89,13 @@ def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
             progress(min(start + batch_size, n), n)
     tokens = n * (windows.shape[1] - 1)
     nll = total / tokens
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=tokens, windows=n)
+    if not math.isfinite(nll):
+        raise ValueError(f"the mean NLL over {n} windows is {nll}: the model's logits are not "
+                         f"finite (NaN or infinite weights, or overflow in {config.dtype})")
+    # math.exp raises OverflowError past ~709.78; inf is the honest value (a command's summary
+    # then refuses it by name).
+    perplexity = math.exp(nll) if nll < 709.0 else math.inf
+    return PerplexityResult(perplexity=perplexity, nll=nll, tokens=tokens, windows=n)
 
 
 def _put_batch(x: np.ndarray, *, mesh: Mesh, rules: dict):

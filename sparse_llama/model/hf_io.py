@@ -48,9 +48,14 @@ TENSOR_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 # Buffers some exporters include; they are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
-                    "chat_template.jinja", "chat_template.json")
+# The files that travel with a model's tokenizer, for every writer (save_hf's `tokenizer_dir`,
+# a training run's <workdir>/tokenizer): the tokenizer, its settings and chat template, and
+# generation_config.json, whose stop ids (Llama-3-Instruct lists several) and sampling
+# defaults belong to the same model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+_GENERATION_CONFIG = "generation_config.json"
 _SAVE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' classic "5GB"
 
@@ -283,6 +288,18 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def replace_dir(staged: Path, out: Path) -> None:
+    """Publish the complete directory `staged` as `out`: renamed into place, an existing `out`
+    moved aside first and deleted after, so `out` is at every moment old or new, never mixed."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(staged, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staged, out)
+
+
 def _prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -300,10 +317,11 @@ def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, ma
     """Write a Hugging Face Llama checkpoint of `params` to `out_dir`; returns its path.
 
     Files: config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
-    model.safetensors.index.json), generation_config.json (bos/eos of the config updated with
-    `generation_config`), and the tokenizer files found in `tokenizer_dir`.
+    model.safetensors.index.json), generation_config.json (bos/eos of the config, updated with
+    `tokenizer_dir`'s generation_config.json, then with `generation_config`), and the other
+    TOKENIZER_FILES found in `tokenizer_dir`.
     masks: pytree like params (bool); pruned entries are written as exact zeros, so the dense
-      checkpoint loads anywhere (REFERENCES.md section 8).
+      checkpoint loads anywhere (docs/algorithms.md, "Checkpoint format").
     dtype: stored dtype ('float32', 'bfloat16', 'float16'); None keeps the embedding's dtype.
     The checkpoint is written to a temporary directory beside `out_dir` and renamed into place,
     so a crash never leaves a partial checkpoint. An existing `out_dir` is replaced only if it
@@ -322,10 +340,16 @@ def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, ma
         tok_dir = Path(tokenizer_dir)
         if not tok_dir.is_dir():
             raise FileNotFoundError(f"tokenizer directory {tok_dir} does not exist")
-        tok_files = [tok_dir / n for n in _TOKENIZER_FILES if (tok_dir / n).exists()]
+        tok_files = [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).exists()]
         if not tok_files:
             raise FileNotFoundError(f"{tok_dir} holds none of the tokenizer files "
-                                    f"{list(_TOKENIZER_FILES)}")
+                                    f"{list(TOKENIZER_FILES)}")
+    # The source's generation settings (its full eos list, sampling defaults) replace our
+    # config-derived bos/eos and are merged, not copied, so `generation_config` still wins.
+    source_gen = {}
+    for f in [f for f in tok_files if f.name == _GENERATION_CONFIG]:
+        tok_files.remove(f)
+        source_gen = _read_json(f)
     out = Path(out_dir)
     _prepare_out_dir(out)
 
@@ -336,18 +360,12 @@ def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, ma
                       max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-               **(generation_config or {})}
+               **source_gen, **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
         _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,8 +4,8 @@ Dimension letters: b batch, t query positions, s key positions, d model width, f
 h query heads, k kv heads, g query heads per kv head, e head dim, v vocab.
 Weights are stored (in, out): `x @ w` (Hugging Face stores (out, in); see hf_io).
 
-`mlp` takes an optional index array of kept intermediate channels and `attention_projections`
-an optional index array of kept query heads, so that sparsity-accelerated training (SAT) can
+`mlp` takes an optional index array of kept intermediate channels and `attention_context`
+an optional index array of kept query heads or of kept KV groups, so that sparsity-accelerated training (SAT) can
 run forward and backward over a subset of units with plain gathers and smaller dense matmuls.
 """
 
@@ -90,6 +90,7 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
                       sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], *, num_heads: int,
                       num_kv_heads: int, head_dim: int, dtype,
                       head_idx: Int[Array, " n"] | None = None,
+                      group_idx: Int[Array, " m"] | None = None,
                       kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
                       ) -> tuple[Float[Array, "b t c"], Float[Array, "c d"], tuple[Array, Array]]:
     """Attention up to (not including) the output projection.
@@ -99,19 +100,31 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
     `kv`, when given, maps the new (k, v) to the full key/value arrays to attend over (the KV
     cache update in llama.forward_cached).
     `head_idx` restricts the computation to those query heads (q and o projections gathered).
+    `group_idx` (instead of head_idx) restricts it to whole KV groups: those k/v heads and all
+    their query heads, so k and v are computed only for the kept groups (SAT under GQA). With
+    `kv` (a cache) use neither: the cache holds every kv head.
     """
     b, t, _ = x.shape
-    wq, wo = p["q_proj"].astype(dtype), p["o_proj"].astype(dtype)
-    n_q = num_heads
+    # Gather first, then cast: a bf16 step over f32 master weights casts only what it uses.
+    wq, wo, wk, wv = (p[n] for n in ("q_proj", "o_proj", "k_proj", "v_proj"))
+    n_q, n_kv = num_heads, num_kv_heads
     kv_head_of_q = None
+    if group_idx is not None:
+        group = num_heads // num_kv_heads
+        head_idx = (group_idx[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+        kv_cols = head_columns(group_idx, head_dim)
+        wk, wv = wk[:, kv_cols], wv[:, kv_cols]
+        n_kv = group_idx.shape[0]
     if head_idx is not None:
         cols = head_columns(head_idx, head_dim)
         wq, wo = wq[:, cols], wo[cols, :]
         n_q = head_idx.shape[0]
-        kv_head_of_q = head_idx // (num_heads // num_kv_heads)
+        if group_idx is None:
+            kv_head_of_q = head_idx // (num_heads // num_kv_heads)
+    wq, wo, wk, wv = (w.astype(dtype) for w in (wq, wo, wk, wv))
     q = (x @ wq).reshape(b, t, n_q, head_dim)
-    k = (x @ p["k_proj"].astype(dtype)).reshape(b, t, num_kv_heads, head_dim)
-    v = (x @ p["v_proj"].astype(dtype)).reshape(b, t, num_kv_heads, head_dim)
+    k = (x @ wk).reshape(b, t, n_kv, head_dim)
+    v = (x @ wv).reshape(b, t, n_kv, head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv(k, v) if kv is not None else (k, v)
     out = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
@@ -130,9 +143,11 @@ def mlp_activations(p: dict, x: Float[Array, "b t d"], *, dtype,
                     neuron_idx: Int[Array, " n"] | None = None
                     ) -> tuple[Float[Array, "b t f"], Float[Array, "f d"]]:
     """silu(x W_gate) * (x W_up), the down_proj input, and down_proj over the kept channels."""
-    w_gate, w_up, w_down = (p[n].astype(dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+    w_gate, w_up, w_down = (p[n] for n in ("gate_proj", "up_proj", "down_proj"))
     if neuron_idx is not None:
         w_gate, w_up, w_down = w_gate[:, neuron_idx], w_up[:, neuron_idx], w_down[neuron_idx, :]
+    # Cast after gathering: only the kept channels are converted to the compute dtype.
+    w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
     return jax.nn.silu(x @ w_gate) * (x @ w_up), w_down
 
 

@@ -89,7 +89,7 @@ def output_weights(params: dict) -> Array:
 
 
 def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig,
-                    *, neuron_idx=None, head_idx=None, kv=None):
+                    *, neuron_idx=None, head_idx=None, group_idx=None, kv=None):
     """One decoder block: pre-norm attention and pre-norm SwiGLU, each with a residual.
 
     Returns (output, new_kv, taps) where taps holds the input of every linear layer, keyed by
@@ -101,7 +101,7 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
     context, wo, new_kv = layers.attention_context(
         p["self_attn"], h, cos, sin, mask, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.dim_per_head, dtype=dtype,
-        head_idx=head_idx, kv=kv)
+        head_idx=head_idx, group_idx=group_idx, kv=kv)
     x = x + context @ wo
     h2 = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
     act, w_down = layers.mlp_activations(p["mlp"], h2, dtype=dtype, neuron_idx=neuron_idx)
@@ -110,17 +110,19 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
 
 
 def block(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig, *,
-          neuron_idx=None, head_idx=None, kv=None):
+          neuron_idx=None, head_idx=None, group_idx=None, kv=None):
     """One decoder block (see block_with_taps): returns (output, new_kv)."""
     out, new_kv, _ = block_with_taps(p, x, cos, sin, mask, config, neuron_idx=neuron_idx,
-                                     head_idx=head_idx, kv=kv)
+                                     head_idx=head_idx, group_idx=group_idx, kv=kv)
     return out, new_kv
 
 
 def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig):
     """Apply `step_fn(layer_params, x, layer_xs) -> (x, layer_out)` over the layer axis.
 
-    `per_layer` is a pytree with a leading L axis (or None), sliced for each layer. Returns the
+    `per_layer` is a pytree with a leading L axis (or None), sliced for each layer; unrolled,
+    it may instead be a list of L per-layer pytrees, which may differ in shape from layer to
+    layer (SAT over some of the blocks). Returns the
     final x and the stacked per-layer outputs. With `config.scan_layers` this is one `lax.scan`
     (a 70B compiles one block); otherwise an unrolled loop (easier to inspect and profile).
     """
@@ -128,10 +130,16 @@ def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig)
     if config.remat != "none":
         fn = jax.checkpoint(step_fn, policy=_REMAT[config.remat])
     if config.scan_layers:
+        if isinstance(per_layer, list):
+            raise ValueError("per-layer inputs of different shapes need the unrolled blocks "
+                             "(model.scan_layers=0)")
         return jax.lax.scan(lambda c, xs: fn(xs[0], c, xs[1]), x, (stacked, per_layer))
     outs = []
     for i in range(config.num_layers):
-        layer_xs = None if per_layer is None else _index(per_layer, i)
+        if isinstance(per_layer, list):
+            layer_xs = per_layer[i]
+        else:
+            layer_xs = None if per_layer is None else _index(per_layer, i)
         x, out = fn(_index(stacked, i), x, layer_xs)
         outs.append(out)
     return x, jax.tree.map(lambda *o: jnp.stack(o), *outs) if outs[0] is not None else None
@@ -166,15 +174,19 @@ def _rope(positions, config):
 def forward(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig, masks=None, *,
             positions: Int[Array, "b t"] | None = None,
             segment_ids: Int[Array, "b t"] | None = None,
-            neuron_idx: Int[Array, "l n"] | None = None,
-            head_idx: Int[Array, "l nh"] | None = None,
+            neuron_idx: Int[Array, "l n"] | list | None = None,
+            head_idx: Int[Array, "l nh"] | list | None = None,
+            group_idx: Int[Array, "l ng"] | list | None = None,
             return_hidden: bool = False):
     """Logits (float32, (b, t, V)) of a causal LM over `tokens`.
 
     masks: pytree like params (bool), applied as `w * mask` before use.
     positions: rotary positions (default 0..t-1 in every row; packed data passes per-document
       positions). segment_ids: packed documents; attention stays within a segment, 0 = padding.
-    neuron_idx / head_idx: per-layer kept MLP channels / query heads (SAT).
+    neuron_idx / head_idx / group_idx: per-layer kept MLP channels / query heads / KV groups
+      (each with all its query heads; k and v are then computed only for those groups), for
+      SAT. Stacked (L, n) arrays, or (unrolled blocks only) lists of L per-layer index arrays
+      or None (that layer dense), so layers may keep different numbers of units.
     return_hidden: also return the decoder blocks' outputs, stacked (L, b, t, D).
     """
     if masks is not None:
@@ -182,13 +194,18 @@ def forward(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig, masks=
     cos, sin, mask = rope_and_mask(tokens.shape, config, positions, segment_ids)
 
     def step(p, x, xs):
-        n_idx, h_idx = xs if xs is not None else (None, None)
-        x, _ = block(p, x, cos, sin, mask, config, neuron_idx=n_idx, head_idx=h_idx)
+        n_idx, h_idx, g_idx = xs if xs is not None else (None, None, None)
+        x, _ = block(p, x, cos, sin, mask, config, neuron_idx=n_idx, head_idx=h_idx,
+                     group_idx=g_idx)
         return x, (x if return_hidden else None)
 
     per_layer = None
-    if neuron_idx is not None or head_idx is not None:
-        per_layer = (neuron_idx, head_idx)
+    indices = (neuron_idx, head_idx, group_idx)
+    if any(isinstance(i, list) for i in indices):
+        per_layer = [tuple(i[layer] if isinstance(i, list) else (None if i is None else i[layer])
+                           for i in indices) for layer in range(config.num_layers)]
+    elif any(i is not None for i in indices):
+        per_layer = indices
     x, hidden = run_blocks(params["layers"], embed(params, tokens, config), per_layer, step,
                            config)
     logits = _logits(params, x, config)

@@ -113,10 +113,20 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, para
     """Shardings for an optimizer state: params-shaped parts follow the params, rest replicated.
 
     `opt_state` may be the abstract state from `jax.eval_shape(optimizer.init, params)`.
+    Params-shaped parts include the masks of a `keep_sparse` state (optim/keep_sparse.py):
+    its init maps optax's placeholder params to masks that are the placeholder, so
+    `tree_map_params` finds them like Adam's moments. Their full-shape leaves take their
+    param's sharding; their 0-d leaves (dense tensors) are replicated, since a 0-d array
+    cannot carry its (sharded) param's spec. A full-shape mask is thus split exactly like its
+    weight, never replicated on every device.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
+
+    def like_param(leaf, sh: NamedSharding) -> NamedSharding:
+        return replicated if np.ndim(leaf) == 0 else sh
+
     return optax.tree_map_params(
-        optimizer, lambda _, sh: sh, opt_state, param_sh,
+        optimizer, like_param, opt_state, param_sh,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding))
 

@@ -1,4 +1,5 @@
-"""The dense optimizer: AdamW, linear warmup then cosine decay, global-norm clipping.
+"""The optimizer: AdamW, linear warmup then cosine decay, global-norm clipping; for sparse
+training the whole chain is wrapped in keep-sparse (`optim/keep_sparse.py`).
 
 Weight decay is applied to every matrix, embeddings and `lm_head` included (as GPT-2/nanoGPT,
 the Hugging Face Trainer and MaxText do), and never to the RMSNorm scales: decaying a norm scale
@@ -19,6 +20,7 @@ import ml_collections
 import optax
 from jaxtyping import Array, Float, Int
 
+from sparse_llama.optim.keep_sparse import keep_sparse
 from sparse_llama.sparsity.masks import path_name
 
 OptimizerConfig = ml_collections.ConfigDict | Mapping
@@ -51,9 +53,15 @@ def weight_decay_mask(params) -> dict:
         lambda path, _: "norm" not in path_name(path).rsplit("/", 1)[-1], params)
 
 
-def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int
+def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int, *, sparse: bool = False
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer and its learning-rate schedule (the step reports the lr it used)."""
+    """The optimizer and its learning-rate schedule (the step reports the lr it used).
+
+    `sparse`: the whole chain is wrapped in `keep_sparse` (optim/keep_sparse.py), whose masks
+    prune exactly the zeros of the targeted tensors of the params given to `init` (or the masks
+    put in with `keep_sparse.set_masks`): clipping sees only the kept weights' gradients, and
+    the pruned weights and their moments stay exactly 0.
+    """
     schedule = learning_rate_schedule(opt_cfg, total_steps)
     transforms = []
     if float(opt_cfg["clip_norm"]) > 0:
@@ -61,4 +69,7 @@ def make_optimizer(opt_cfg: OptimizerConfig, total_steps: int
     transforms.append(optax.adamw(
         schedule, b1=float(opt_cfg["b1"]), b2=float(opt_cfg["b2"]), eps=float(opt_cfg["eps"]),
         weight_decay=float(opt_cfg["weight_decay"]), mask=weight_decay_mask))
-    return optax.chain(*transforms), schedule
+    optimizer = optax.chain(*transforms)
+    if sparse:
+        optimizer = keep_sparse(optimizer)
+    return optimizer, schedule

@@ -1,8 +1,13 @@
-"""Calibration windows: `num_samples` random windows of `seq_len` tokens (REFERENCES.md s. 1).
+"""Calibration windows: `num_samples` random windows of `seq_len` tokens
+(`docs/algorithms.md`, "Calibration and the sequential driver").
 
 Sources: a `.npy` array of token ids (num_samples, seq_len), used exactly as given (to
 reproduce another tool's calibration set); a text file, tokenized once; or, by default, the
 training split of the embedded corpus (prose and code documents in a seeded order).
+
+A text shorter than `num_samples * seq_len` tokens is refused: its windows would overlap so much
+that the statistics rest on a fraction of the tokens they claim (a 100-token text gave 8
+windows of 64). `allow_overlap=True` (`calibration.allow_overlap`) accepts it knowingly.
 """
 
 import os
@@ -28,8 +33,13 @@ def windows_from_npy(path: str, vocab_size: int) -> np.ndarray:
     return windows.astype(np.int32)
 
 
-def sample_windows(stream: np.ndarray, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
-    """`num_samples` windows at uniformly random offsets of a 1-D token stream (seeded)."""
+def sample_windows(stream: np.ndarray, num_samples: int, seq_len: int, seed: int, *,
+                   allow_overlap: bool = False) -> np.ndarray:
+    """`num_samples` windows at uniformly random offsets of a 1-D token stream (seeded).
+
+    Raises ValueError when the stream has fewer than `num_samples * seq_len` tokens, unless
+    `allow_overlap` (then it only needs one window's worth).
+    """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"calibration needs num_samples >= 1 and seq_len >= 2, got "
                          f"{num_samples} and {seq_len}")
@@ -37,9 +47,17 @@ def sample_windows(stream: np.ndarray, num_samples: int, seq_len: int, seed: int
         raise ValueError(f"too few calibration tokens: {stream.shape[0]} tokens cannot fill one "
                          f"window of seq_len={seq_len}; give more text or lower "
                          "calibration.seq_len")
-    if num_samples * seq_len > stream.shape[0]:
-        logging.warning("calibration: %d windows of %d tokens drawn from only %d tokens; the "
-                        "windows overlap heavily (give more text for a better estimate)",
+    need = num_samples * seq_len
+    if need > stream.shape[0]:
+        if not allow_overlap:
+            raise ValueError(
+                f"too few calibration tokens: the text has {stream.shape[0]} tokens but "
+                f"calibration.num_samples x calibration.seq_len = {num_samples} x {seq_len} = "
+                f"{need}, so the windows would overlap heavily; give a longer text, lower "
+                "calibration.num_samples or calibration.seq_len, or set "
+                "calibration.allow_overlap=True to accept overlapping windows")
+        logging.warning("calibration: %d windows of %d tokens drawn from only %d tokens "
+                        "(calibration.allow_overlap=True): the windows overlap",
                         num_samples, seq_len, stream.shape[0])
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, stream.shape[0] - seq_len + 1, size=num_samples)
@@ -65,8 +83,12 @@ def corpus_stream(tokenizer: Tokenizer, num_tokens: int, seed: int) -> np.ndarra
 
 
 def calibration_windows(path: str, tokenizer: Tokenizer | None, *, num_samples: int,
-                        seq_len: int, seed: int, vocab_size: int) -> np.ndarray:
-    """The calibration windows the `calibration` config section describes."""
+                        seq_len: int, seed: int, vocab_size: int,
+                        allow_overlap: bool = False) -> np.ndarray:
+    """The calibration windows the `calibration` config section describes.
+
+    A `.npy` is used exactly as given (its rows may overlap: that is the caller's choice).
+    """
     if path and path.endswith(".npy"):
         return windows_from_npy(path, vocab_size)
     if tokenizer is None:
@@ -80,7 +102,7 @@ def calibration_windows(path: str, tokenizer: Tokenizer | None, *, num_samples: 
     else:
         # 4x the tokens the windows need, so that random windows rarely overlap.
         stream = corpus_stream(tokenizer, 4 * num_samples * seq_len, seed)
-    windows = sample_windows(stream, num_samples, seq_len, seed)
+    windows = sample_windows(stream, num_samples, seq_len, seed, allow_overlap=allow_overlap)
     if windows.max() >= vocab_size:
         raise ValueError(f"the tokenizer emits id {windows.max()} but the model's vocabulary has "
                          f"{vocab_size} entries; the tokenizer does not belong to this model")

@@ -1,4 +1,5 @@
-"""The sequential, layer-by-layer pruning driver (REFERENCES.md section 1).
+"""The sequential, layer-by-layer pruning driver (`docs/algorithms.md`, "Calibration and the
+sequential driver").
 
 Block 0 is pruned with inputs from the dense embeddings; the *pruned* block then produces the
 inputs of block 1, and so on. Only one block's activations (num_samples, seq_len, D) are live.
@@ -10,6 +11,10 @@ with the previous groups already pruned.
 Statistics are accumulated in float32 over micro-batches of calibration windows. With a mesh,
 micro-batches are sharded over the batch rule and the Gram matrices come out summed over the
 devices (XLA's all-reduce: data-parallel accumulation with a psum).
+
+NaN/inf anywhere stops the run with `magnitude.NonFiniteError` naming the block and tensor: the
+activations entering each block are checked here, each linear's weight and input statistic by
+its solver. A silent fallback would write a model whose broken layer nobody notices.
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ from jax.sharding import Mesh
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.pruning import hessian, magnitude, profiles, sparsegpt, wanda
+from sparse_llama.pruning.magnitude import NonFiniteError
 from sparse_llama.sparsity.masks import dense_masks
 
 # Which linears read each tapped input (names are paths inside a block's params).
@@ -120,6 +126,16 @@ class _Activations:
             states = _tap_stats(p, self.place(x), states, config, kind)
         return {g: finalize(state) for g, state in states.items()}
 
+    def check_finite(self, block: int) -> None:
+        """Raise NonFiniteError when the inputs of `block` hold NaN/inf."""
+        bad = sum(int(jnp.sum(~jnp.isfinite(x))) for x in self.chunks)
+        if bad:
+            source = ("the token embeddings (model.embed_tokens.weight)" if block == 0
+                      else f"the output of block {block - 1}")
+            raise NonFiniteError(
+                f"block {block}: its calibration inputs, {source}, have {bad} NaN/inf entries; "
+                "check the checkpoint's weights, or prune in float32 if it overflowed")
+
     def advance(self, p, config) -> "_Activations":
         return _Activations([_block_out(p, self.place(x), config) for x in self.chunks],
                             self.mesh, self.rules)
@@ -128,6 +144,11 @@ class _Activations:
 def _embed_windows(params, windows: np.ndarray, config: LlamaConfig, batch_size: int) -> list:
     return [llama.embed(params, jnp.asarray(windows[i:i + batch_size]), config)
             for i in range(0, windows.shape[0], batch_size)]
+
+
+def _tensor_name(block: int, name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight': the name a user finds in the checkpoint."""
+    return f"model.layers.{block}.{name.replace('/', '.')}.weight"
 
 
 def _prune_one(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
@@ -158,11 +179,18 @@ def owl_outlier_ratios(params: dict, config: LlamaConfig, windows: np.ndarray, *
     acts = _Activations(_embed_windows(params, windows, config, batch_size), mesh, rules)
     ratios = []
     for i in range(config.num_layers):
+        acts.check_finite(i)
         p = llama.layer_params(params, i)
         norms = acts.stats(p, config, tuple(GROUPS), "sqnorm")
-        metrics = [jnp.abs(_module_get(p, name)) * jnp.sqrt(norms[g])[:, None]
-                   for g, names in GROUPS.items() for name in names]
-        ratios.append(profiles.outlier_ratio(metrics, m))
+        # Stored (in, out): input feature j is row j, hence norms[:, None].
+        metrics = {name: jnp.abs(_module_get(p, name)) * jnp.sqrt(norms[g])[:, None]
+                   for g, names in GROUPS.items() for name in names}
+        for name, a in metrics.items():
+            try:
+                magnitude.check_finite(a, "its OWL metric |W| * ||X||")
+            except NonFiniteError as err:
+                raise NonFiniteError(f"block {i} {_tensor_name(i, name)}: {err}") from None
+        ratios.append(profiles.outlier_ratio(list(metrics.values()), m))
         acts = acts.advance(p, config)
         if progress is not None:
             progress(i)
@@ -187,6 +215,7 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
     acts = _Activations(_embed_windows(params, windows, config, spec.batch_size), mesh, rules)
     for i in range(config.num_layers):
+        acts.check_finite(i)
         p = llama.layer_params(params, i)
         layer_masks = llama.layer_params(masks, i)
         for stage in stages:
@@ -196,9 +225,13 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
                     s = profiles.module_sparsity(spec.layer_sparsity[i], name, overrides)
                     if s == 0.0 and (spec.n, spec.m) == (0, 0):
                         continue
-                    new_w, new_mask = _prune_one(
-                        spec.method, _module_get(p, name), stats.get(g), sparsity=s, spec=spec,
-                        mask_in_out=_module_get(layer_masks, name))
+                    try:
+                        new_w, new_mask = _prune_one(
+                            spec.method, _module_get(p, name), stats.get(g), sparsity=s,
+                            spec=spec, mask_in_out=_module_get(layer_masks, name))
+                    except NonFiniteError as err:  # the solver cannot know where it runs
+                        raise NonFiniteError(f"block {i} {_tensor_name(i, name)}: {err}"
+                                             ) from None
                     p = _module_set(p, name, new_w)
                     layer_masks = _module_set(layer_masks, name, new_mask)
         params = llama.set_layer_params(params, i, p)

@@ -1,9 +1,9 @@
 """Calibration statistics of a linear layer's inputs, accumulated batch by batch.
 
-- Hessian for SparseGPT/GPTQ (REFERENCES.md section 2): H = (2/n) sum_k X_k X_k^T over the n
-  calibration *sequences* X_k (d x L), kept as a running average in float32 so that it never
-  depends on how the sequences were batched.
-- Squared input-feature norms for Wanda (section 3): sq_j = sum over all tokens of x_j^2, i.e.
+- Hessian for SparseGPT/GPTQ (`docs/algorithms.md`, "SparseGPT"): H = (2/n) sum_k X_k X_k^T
+  over the n calibration *sequences* X_k (d x L), kept as a running average in float32 so
+  that it never depends on how the sequences were batched.
+- Squared input-feature norms for Wanda ("Wanda"): sq_j = sum over all tokens of x_j^2, i.e.
   ||X_j||_2^2; `wanda.prune_layer` takes this and the square root itself.
 
 Both are pure functions of (state, x_btd) -> state, so they can run inside a jitted forward

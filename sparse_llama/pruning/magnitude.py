@@ -1,18 +1,25 @@
 """Magnitude pruning, and the selection rules every one-shot pruner here shares.
 
-Selection rules (used by magnitude, Wanda and SparseGPT so the three agree on ties):
-- `prune_smallest(scores, k)`: prune exactly the k smallest scores of the array (or of each
-  problem along leading batch axes), ties broken by row-major position (what a stable argsort
-  of the flattened array does). It runs as a bisection on the float bits, not a sort: sorting a
-  1.4M-entry row-block on CPU costs ~0.3 s, and SparseGPT does it for every block of a layer.
-- `prune_smallest_nm(scores, n, m)`: in every group of m consecutive entries along an axis,
-  prune the n smallest, ties broken by position.
-- Both take `forced` (already-pruned entries: always pruned and counted in the budget) so that
-  extending a mask (50% -> 70%) keeps the old zeros and spends only the rest of the budget.
+Selection rules (used by magnitude, Wanda and SparseGPT so the three agree on ties). Every
+mask here, given or returned, has the one polarity of the project: True = kept.
+- `mask_smallest(scores, k)`: the mask that prunes exactly the k smallest scores of the array
+  (or of each problem along leading batch axes), ties broken by row-major position (what a
+  stable argsort of the flattened array does). It runs as a bisection on the float bits, not a
+  sort: sorting a 1.4M-entry row-block on CPU costs ~0.3 s, and SparseGPT does it for every
+  block of a layer. NaN scores (either sign) are never pruned.
+- `mask_smallest_nm(scores, n, m)`: in every group of m consecutive entries along an axis,
+  prune the n smallest, ties broken by position; NaN ranks as +inf (pruned last).
+- Both take `mask` (an existing mask: its pruned entries stay pruned and count in the budget)
+  so that extending a mask (50% -> 70%) keeps the old zeros and spends only the rest of it.
 - Counts: `count_for(fraction, total)` = fraction * total rounded to the nearest integer.
+- `check_finite`: the solvers refuse NaN/inf weights and statistics (a NaN score would
+  otherwise be silently kept or pruned, and a NaN Hessian silently skip error compensation).
 
-Magnitude itself (REFERENCES.md section 3): one threshold per matrix at the `sparsity` quantile
-of |W|; N:M prunes the n smallest |W| per group of m inputs.
+N:M groups run along the reduction (input) axis of a linear: the last axis of a Hugging Face
+(out, in) weight, which is what every `prune_layer` here takes (`docs/algorithms.md`, "Masks").
+
+Magnitude itself (`docs/algorithms.md`, "Magnitude"): one threshold per matrix at the
+`sparsity` quantile of |W|; N:M prunes the n smallest |W| per group of m inputs.
 """
 
 import functools
@@ -22,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 _INF_BITS = 0x7F800000  # bit pattern of float32 +inf: the largest non-NaN non-negative float
 
@@ -60,6 +67,21 @@ def check_pattern(weight_shape: tuple[int, ...], sparsity: float, n: int, m: int
                          f"{tuple(weight_shape)}; pass a bool mask of the weight's (out, in) shape")
 
 
+class NonFiniteError(ValueError):
+    """A weight, activation or statistic holds NaN/inf: pruning it would write a broken model.
+
+    A ValueError, so that a command reports it on one `error:` line (exit status 2)."""
+
+
+def check_finite(array: Shaped[Array | np.ndarray, "..."], what: str) -> None:
+    """Raise NonFiniteError naming `what` when `array` holds NaN or inf (one device reduction)."""
+    bad = int(jnp.sum(~jnp.isfinite(jnp.asarray(array))))
+    if bad:
+        raise NonFiniteError(f"{what} has {bad} NaN/inf entries; pruning cannot use it. Check "
+                             "the checkpoint (a NaN weight) or the calibration inputs (an "
+                             "overflow in a lower-precision dtype)")
+
+
 def check_mask_dtype(mask) -> None:
     if mask is not None and mask.dtype != jnp.bool_:
         raise ValueError(f"mask has dtype {mask.dtype}; pass a bool mask (True = kept), "
@@ -86,21 +108,26 @@ def _bisect(count_at, lo, hi, steps: int):
     return lax.fori_loop(0, steps, halve, (lo, hi))[1]
 
 
-def prune_smallest(scores: Float[Array, "*shape"], k: Int[Array, "*batch"] | int, *,
-                   forced: Bool[Array, "*shape"] | None = None,
-                   excluded: Bool[Array, "*shape"] | None = None,
-                   batch_dims: int = 0) -> Bool[Array, "*shape"]:
-    """True where pruned: `forced`, plus the smallest scores until k entries are pruned.
+def mask_smallest(scores: Float[Array, "*shape"], k: Int[Array, "*batch"] | int, *,
+                  mask: Bool[Array, "*shape"] | None = None,
+                  excluded: Bool[Array, "*shape"] | None = None,
+                  batch_dims: int = 0) -> Bool[Array, "*shape"]:
+    """The mask (True = kept) that prunes the k smallest scores, on top of `mask`'s zeros.
 
     The leading `batch_dims` axes index independent problems (k scalar or per problem); each
-    problem is the rest of the array. scores must be >= 0 (NaN is never pruned); `excluded`
-    entries are never pruned; with fewer than k candidates all are pruned. Ties break by
-    row-major position within the problem. Cost: 31 counting passes, plus ~log2(size) more
-    only when a tie straddles the threshold (sorting or a cumsum is 10-50x slower on CPU).
+    problem is the rest of the array. `mask`'s pruned entries stay pruned and count towards k.
+    scores must be >= 0; NaN (with either sign bit) and `excluded` entries are never pruned;
+    with fewer than k candidates all are pruned. Ties break by row-major position within the
+    problem. Cost: 31 counting passes, plus ~log2(size) more only when a tie straddles the
+    threshold (sorting or a cumsum is 10-50x slower on CPU).
     """
     s = jnp.where(scores == 0, 0.0, scores.astype(jnp.float32))  # -0.0 sorts as +0.0
-    pruned_before = jnp.zeros(s.shape, jnp.bool_) if forced is None else forced
-    stop = pruned_before if excluded is None else pruned_before | excluded
+    pruned_before = jnp.zeros(s.shape, jnp.bool_) if mask is None else ~mask
+    # NaN joins the never-pruned entries: a NaN with its sign bit set has a negative int32
+    # pattern, which would otherwise sort first and be pruned first.
+    stop = pruned_before | jnp.isnan(s)
+    if excluded is not None:
+        stop = stop | excluded
     # Non-negative float32 values order like their int32 bit patterns.
     bits = lax.bitcast_convert_type(jnp.where(stop, jnp.inf, s), jnp.int32)
     batch = s.shape[:batch_dims]
@@ -130,19 +157,22 @@ def prune_smallest(scores: Float[Array, "*shape"], k: Int[Array, "*batch"] | int
 
     some = lax.cond(jnp.any((need > 0) & (need < n_tie)), first_ties,
                     lambda _: tie & expand(need > 0), None)
-    return pruned_before | below | some
+    return ~(pruned_before | below | some)
 
 
-def prune_smallest_nm(scores: Float[Array, "*shape"], n: int, m: int, *,
-                      forced: Bool[Array, "*shape"] | None = None, axis: int = -1
-                      ) -> Bool[Array, "*shape"]:
-    """True where pruned: the n smallest of each group of m consecutive entries along `axis`.
+def mask_smallest_nm(scores: Float[Array, "*shape"], n: int, m: int, *,
+                     mask: Bool[Array, "*shape"] | None = None, axis: int = -1
+                     ) -> Bool[Array, "*shape"]:
+    """The mask (True = kept) pruning the n smallest of each m consecutive entries on `axis`.
 
-    `forced` entries are pruned and count towards the n; ties go to the earlier position.
+    `mask`'s pruned entries stay pruned and count towards the n; ties go to the earlier
+    position; NaN ranks as +inf (comparisons with NaN are false, so it would otherwise rank
+    first and be pruned first).
     """
     s = scores.astype(jnp.float32)
-    if forced is not None:
-        s = jnp.where(forced, -jnp.inf, s)
+    s = jnp.where(jnp.isnan(s), jnp.inf, s)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
     axis = axis % s.ndim
     g = s.reshape(s.shape[:axis] + (s.shape[axis] // m, m) + s.shape[axis + 1:])
     within = axis + 1  # the position-in-group axis of g
@@ -151,19 +181,18 @@ def prune_smallest_nm(scores: Float[Array, "*shape"], n: int, m: int, *,
     idx = jnp.arange(m)
     earlier = (idx[None, :] < idx[:, None]).reshape((m, m) + (1,) * (g.ndim - within - 1))
     rank = jnp.sum((b < a) | ((b == a) & earlier), axis=within + 1)
-    pruned = (rank < n).reshape(s.shape)
-    return pruned if forced is None else pruned | forced
+    keep = (rank >= n).reshape(s.shape)
+    return keep if mask is None else keep & mask
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
-def _magnitude(weight, keep, k, *, n, m):
+def _magnitude(weight, mask, k, *, n, m):
     scores = jnp.abs(weight.astype(jnp.float32))
-    forced = None if keep is None else ~keep
     if n:
-        pruned = prune_smallest_nm(scores, n, m, forced=forced)
+        keep = mask_smallest_nm(scores, n, m, mask=mask)
     else:
-        pruned = prune_smallest(scores, k, forced=forced)
-    return jnp.where(pruned, jnp.zeros((), weight.dtype), weight), ~pruned
+        keep = mask_smallest(scores, k, mask=mask)
+    return jnp.where(keep, weight, jnp.zeros((), weight.dtype)), keep
 
 
 def prune_layer(weight: Float[Array | np.ndarray, "out in"], *, sparsity: float, n: int = 0,
@@ -175,9 +204,11 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"], *, sparsity: float,
     whole matrix (old pruned entries of `mask` included in that count and kept pruned).
     N:M (n, m > 0): the n smallest |W| of every m consecutive inputs of each row; `sparsity`
     is then not used (the pattern fixes it at n/m). The weight keeps its dtype.
+    Raises ValueError on a malformed request, NonFiniteError on a NaN/inf weight.
     """
     check_pattern(tuple(weight.shape), sparsity, n, m, None if mask is None else mask.shape)
     check_mask_dtype(mask)
     weight = jnp.asarray(weight)
+    check_finite(weight, "the weight")
     k = count_for(sparsity, weight.size)
     return _magnitude(weight, None if mask is None else jnp.asarray(mask), k, n=n, m=m)

@@ -41,9 +41,15 @@ def outlier_ratio(metrics: Sequence[Float[Array, "..."]], m: float) -> float:
     return sum(int(jnp.sum(a > m * mean)) for a in metrics) / total
 
 
-def owl(ratios: Sequence[float], sparsity: float, lam: float) -> np.ndarray:
-    """OWL layer sparsities (REFERENCES.md section 4): within [S - lam, S + lam], mean S,
-    less pruning where there are more outliers."""
+def owl(ratios: Sequence[float] | Float[np.ndarray, " layers"], sparsity: float,
+        lam: float) -> Float[np.ndarray, " layers"]:
+    """OWL layer sparsities (`docs/algorithms.md`, "OWL"): mean S, spread 2 lam, less pruning
+    where there are more outliers.
+
+    As the published code: the min-max normalised ratios r (in [0, 2 lam]) are centred on their
+    mean, so the values lie in [S - lam, S + lam] only when mean(r) = lam; with skewed ratios
+    one end may pass the band (by at most lam), never the mean or the spread.
+    """
     check_sparsity(sparsity)
     if not 0 <= lam < 1:
         raise ValueError(f"pruning.owl_lambda={lam} must be in [0, 1)")

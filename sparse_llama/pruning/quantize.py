@@ -7,7 +7,7 @@ stay exact zeros after quantization.
 
 - Asymmetric min-max (int4/int8; GPTQ's default): codes 0 .. 2^bits - 1, range
   [min(w_r, 0), max(w_r, 0)]; an all-zero row gets the range [-1, 1].
-- Symmetric per channel (W8A8, REFERENCES.md section 7): codes -(2^(bits-1) - 1) ..
+- Symmetric per channel (W8A8, `docs/algorithms.md`, "GPTQ"): codes -(2^(bits-1) - 1) ..
   2^(bits-1) - 1, scale = max|w_r| / (2^(bits-1) - 1), zero = 0; an all-zero row gets scale 1.
 """
 

@@ -3,9 +3,15 @@
 Writes to `output_dir`: a Hugging Face directory whose pruned weights are exact zeros
 (transformers loads it as is; tokenizer files copied), `masks/` (orbax) and
 `sparsity_report.json`. With `eval.path`, perplexity before and after, as `launch.eval` computes.
+
+The output directory appears whole or not at all: it is built aside (`.<name>.partial` in the
+same parent) and renamed into place once, so a kill never leaves a checkpoint that looks
+complete without its masks or report. A previous output there (it holds a config.json) is
+replaced; any other non-empty directory is refused before work starts. Summary values are
+finite numbers or None, never NaN (JSON has no NaN).
 """
 
-import json
+import math
 import os
 import time
 
@@ -17,12 +23,12 @@ from tqdm import tqdm
 
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import run as eval_run
-from sparse_llama.model import hf_io, loading, sharding
+from sparse_llama.model import loading, sharding
 from sparse_llama.model.config import check_context
 from sparse_llama.pruning import calibration, driver, profiles
-from sparse_llama.sparsity import mask_io
 from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.sparsity import report as report_lib
+from sparse_llama.sparsity.sparse_export import save_sparse_hf
 
 
 def check_prune_config(config: ml_collections.ConfigDict) -> None:
@@ -64,6 +70,12 @@ def check_prune_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("output_dir is empty; pass --config.output_dir=DIR for the pruned model")
     if os.path.isfile(config.output_dir):
         raise FileExistsError(f"output_dir={config.output_dir!r} is a file")
+    if (os.path.isdir(config.output_dir) and os.listdir(config.output_dir)
+            and not os.path.isfile(os.path.join(config.output_dir, "config.json"))):
+        # Replacing is a recursive delete: only ever of a previous checkpoint.
+        raise FileExistsError(f"output_dir={config.output_dir!r} is not empty and holds no "
+                              "config.json, so it is not a previous output to replace; choose "
+                              "another --config.output_dir")
     if config.model.hf_path and (os.path.realpath(config.output_dir)
                                  == os.path.realpath(config.model.hf_path)):
         raise ValueError("output_dir is model.hf_path: writing there would replace the dense "
@@ -78,11 +90,13 @@ def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
         return profiles.uniform(n_layers, p.sparsity)
     if p.profile == "list":
         return profiles.explicit(list(p.layer_sparsities), n_layers)
-    bar = tqdm(total=n_layers, desc="OWL outlier ratios", unit="layer")
-    ratios = driver.owl_outlier_ratios(
-        bundle.params, bundle.config, windows, m=p.owl_m, batch_size=config.calibration.batch_size,
-        mesh=mesh, rules=rules, progress=lambda _: bar.update())
-    bar.close()
+    # A context manager: an error inside closes the bar first, so the command's `error:` line
+    # stays the last line of stderr.
+    with tqdm(total=n_layers, desc="OWL outlier ratios", unit="layer") as bar:
+        ratios = driver.owl_outlier_ratios(
+            bundle.params, bundle.config, windows, m=p.owl_m,
+            batch_size=config.calibration.batch_size, mesh=mesh, rules=rules,
+            progress=lambda _: bar.update())
     logging.info("OWL outlier ratios: %s", np.round(ratios, 4).tolist())
     return profiles.owl(ratios, p.sparsity, p.owl_lambda)
 
@@ -100,16 +114,26 @@ def check_against_model(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
+    """Prune `model` as `config` says and write `output_dir`; returns the summary dict.
+
+    Summary keys: sparsity, seconds, prune_seconds, perplexity_before, perplexity_after (None
+    without eval.path, or when not finite), method, output_dir.
+    """
     check_prune_config(config)
     check_against_model(config)
     start = time.time()
     model_cfg = config.model
-    bundle = loading.load_model(model_cfg)
-    tokenizer = load_tokenizer(bundle.tokenizer_dir) if bundle.tokenizer_dir else None
+    # Calibration first, from config.json and the tokenizer alone: a bad calibration text is
+    # refused before the weights (140 GB for a 70B) are read.
+    model = loading.model_config(model_cfg)
+    tokenizer_dir = (model_cfg.hf_path if model_cfg.hf_path and os.path.isfile(
+        os.path.join(model_cfg.hf_path, "tokenizer.json")) else None)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
     c = config.calibration
     windows = calibration.calibration_windows(
         c.path, tokenizer, num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
-        vocab_size=bundle.config.vocab_size)
+        vocab_size=model.vocab_size, allow_overlap=c.allow_overlap)
+    bundle = loading.load_model(model_cfg)
     eval_text = None
     if config.eval.path:
         if tokenizer is None:
@@ -136,29 +160,28 @@ def run(config: ml_collections.ConfigDict) -> dict:
         module_sparsity=tuple(sorted((k, float(v)) for k, v in dict(p.module_sparsity).items())),
         true_sequential=p.true_sequential, batch_size=c.batch_size)
     existing = masks_lib.masks_from_zeros(bundle.params) if p.keep_zeros else None
-    bar = tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer")
     prune_start = time.time()
-    params, masks = driver.prune_model(bundle.params, bundle.config, windows, spec,
-                                       masks=existing, mesh=mesh, rules=rules,
-                                       progress=lambda _: bar.update())
-    jax.block_until_ready(params)
+    with tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer") as bar:
+        params, masks = driver.prune_model(bundle.params, bundle.config, windows, spec,
+                                           masks=existing, mesh=mesh, rules=rules,
+                                           progress=lambda _: bar.update())
+        jax.block_until_ready(params)
     prune_seconds = time.time() - prune_start
-    bar.close()
     report = report_lib.sparsity_report(params)
     report["layer_targets"] = [float(s) for s in sparsities]
     print(report_lib.format_report(report), flush=True)
-    out = hf_io.save_hf(params, bundle.config, config.output_dir, masks=masks,
-                        tokenizer_dir=bundle.tokenizer_dir, dtype=config.save_dtype or None)
-    mask_io.save_masks(masks, os.path.join(out, "masks"))
-    _write_json(os.path.join(out, "sparsity_report.json"), report)
+    out, _ = save_sparse_hf(params, bundle.config, config.output_dir, masks=masks,
+                            tokenizer_dir=bundle.tokenizer_dir, dtype=config.save_dtype or None,
+                            report=report)
     ppl_after = perplexity(params, "eval (pruned)")
-    return {"sparsity": report["overall"], "seconds": round(time.time() - start, 3),
-            "prune_seconds": round(prune_seconds, 3), "perplexity_before": ppl_before,
-            "perplexity_after": ppl_after, "method": p.method, "output_dir": str(out)}
+    return {"sparsity": _finite_or_none(report["overall"]),
+            "seconds": round(time.time() - start, 3),
+            "prune_seconds": round(prune_seconds, 3),
+            "perplexity_before": _finite_or_none(ppl_before),
+            "perplexity_after": _finite_or_none(ppl_after), "method": p.method,
+            "output_dir": str(out)}
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def _finite_or_none(value):
+    """A JSON-safe summary number: None stands for missing, NaN and inf alike."""
+    return None if value is None or not math.isfinite(value) else float(value)

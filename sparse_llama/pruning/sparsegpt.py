@@ -1,4 +1,7 @@
-"""SparseGPT and GPTQ: one OBS column sweep per linear layer (REFERENCES.md sections 2 and 7).
+"""SparseGPT and GPTQ: one OBS column sweep per linear layer.
+
+The algorithm, its defaults and where we differ from the published code by convention:
+`docs/algorithms.md`, sections "SparseGPT" and "GPTQ".
 
 `prune_layer` prunes (unstructured per row-block, or N:M), optionally quantizing the kept
 weights in the same sweep; `quantize_layer` is GPTQ (quantize only). Both run the one jitted
@@ -19,9 +22,11 @@ shape, whatever its sparsity. The in-width is padded to a multiple of B with dea
 (benchmarks/sparsegpt.py): about 1-2x the time of one (out, in) x (in, in) matmul for Llama-7B
 shapes, ~3-4x at 1024 x 1024 where the 1024 sequential column steps dominate.
 
-Failure path: the factorisation is a separate jitted step that returns a success flag; the
-Python wrapper retries with 10x, 100x, 1000x dampening and then the identity (no error
-compensation), with a warning, and never raises on a bad Hessian.
+Failure path: a NaN or inf in the weight or the Hessian raises `NonFiniteError` (the driver
+adds the layer and tensor): a silent fallback would write a model with an unnoticed broken
+layer. A finite Hessian whose factorisation fails (rounding makes it indefinite) is retried
+with 10x, 100x, 1000x dampening and then the identity (no error compensation), with a warning:
+the factorisation is a separate jitted step that returns a success flag.
 """
 
 import functools
@@ -34,11 +39,12 @@ from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from sparse_llama.pruning.magnitude import (
+    check_finite,
     check_mask_dtype,
     check_pattern,
     count_for,
-    prune_smallest,
-    prune_smallest_nm,
+    mask_smallest,
+    mask_smallest_nm,
 )
 from sparse_llama.pruning.quantize import QuantGrid, fake_quantize, minmax_grid
 
@@ -120,26 +126,29 @@ def _sub_size(block: int, m: int) -> int:
                if block % s == 0 and s <= max(_SUB, unit))
 
 
-def _columns(ws, us, ps, ks, grid, *, pattern, n, m):
-    """The per-column OBS steps of one sub-block, unrolled. ws, ps, ks: (S, out); us: (S, S)."""
+def _columns(ws, us, kp, ks, grid, *, pattern, n, m):
+    """The per-column OBS steps of one sub-block, unrolled. ws, kp, ks: (S, out); us: (S, S).
+
+    kp: the selection so far (True = kept); ks: the mask being extended (or None)."""
     size = ws.shape[0]
     d = jnp.diagonal(us)
     errs = []
     for j in range(size):
         if pattern == "nm" and j % m == 0:
-            # Scored on the already-updated weights of the group (REFERENCES.md s. 2).
+            # Scored on the already-updated weights of the group (docs/algorithms.md,
+            # "SparseGPT"); rows of ws are inputs, so the group runs along axis 0.
             scores = (ws[j:j + m] / d[j:j + m, None]) ** 2
-            ps = ps.at[j:j + m].set(prune_smallest_nm(scores, n, m, forced=ps[j:j + m], axis=0))
+            kp = kp.at[j:j + m].set(mask_smallest_nm(scores, n, m, mask=kp[j:j + m], axis=0))
         wj = ws[j]
         qj = wj if grid is None else fake_quantize(wj[:, None], grid)[:, 0]
-        qj = jnp.where(ps[j], 0.0, qj)
+        qj = jnp.where(kp[j], qj, 0.0)
         ej = (wj - qj) / d[j]
         if j + 1 < size:
             upd = us[j, j + 1:, None] * ej[None, :]
             ws = ws.at[j + 1:].add(-upd if ks is None else -upd * ks[j + 1:])
         ws = ws.at[j].set(qj)
         errs.append(ej)
-    return ws, ps, jnp.stack(errs)
+    return ws, kp, jnp.stack(errs)
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "n", "m", "block", "bits", "sym"))
@@ -158,7 +167,7 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
         wt = jnp.pad(w.T, ((0, cp - cols), (0, 0)))
         keep_t = None if keep is None else jnp.pad(keep.T, ((0, cp - cols), (0, 0)),
                                                    constant_values=True)
-        pruned = jnp.zeros((cp, rows), jnp.bool_) if keep_t is None else ~keep_t
+        kept = jnp.ones((cp, rows), jnp.bool_) if keep_t is None else keep_t
         up, is_pad = u, None
         if cp != cols:  # only then: U is the largest buffer of a 70B layer
             up = jnp.pad(u, ((0, cp - cols), (0, cp - cols)))
@@ -166,40 +175,40 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
             is_pad = (jnp.arange(cp) >= cols)[:, None]
 
         def block_step(b, carry):
-            wt, pruned = carry
+            wt, kept = carry
             start = b * block
             w1 = lax.dynamic_slice_in_dim(wt, start, block)
             u1 = lax.dynamic_slice(up, (start, start), (block, block))
             k1 = None if keep_t is None else lax.dynamic_slice_in_dim(keep_t, start, block)
-            p1 = lax.dynamic_slice_in_dim(pruned, start, block)
+            kp1 = lax.dynamic_slice_in_dim(kept, start, block)
             if pattern == "unstructured":
                 scores = (w1 / jnp.diagonal(u1)[:, None]) ** 2
                 excluded = None if is_pad is None else jnp.broadcast_to(
                     lax.dynamic_slice_in_dim(is_pad, start, block), w1.shape)
                 k = jnp.where(b == nb - 1, k_tail, k_full)
                 # One comparison group: the whole row-block (ties: input-major order).
-                p1 = prune_smallest(scores, k, forced=p1, excluded=excluded)
+                kp1 = mask_smallest(scores, k, mask=kp1, excluded=excluded)
 
             def sub_step(s, c):
-                w1, p1, e1 = c
+                w1, kp1, e1 = c
                 off = s * sub
                 ws, us_ = (lax.dynamic_slice_in_dim(w1, off, sub),
                            lax.dynamic_slice(u1, (off, off), (sub, sub)))
-                ps = lax.dynamic_slice_in_dim(p1, off, sub)
+                kps = lax.dynamic_slice_in_dim(kp1, off, sub)
                 ks = None if k1 is None else lax.dynamic_slice_in_dim(k1, off, sub)
-                ws, ps, es = _columns(ws, us_, ps, ks, grid, pattern=pattern, n=n, m=m)
+                ws, kps, es = _columns(ws, us_, kps, ks, grid, pattern=pattern, n=n, m=m)
                 w1 = lax.dynamic_update_slice_in_dim(w1, ws, off, 0)
-                p1 = lax.dynamic_update_slice_in_dim(p1, ps, off, 0)
+                kp1 = lax.dynamic_update_slice_in_dim(kp1, kps, off, 0)
                 e1 = lax.dynamic_update_slice_in_dim(e1, es, off, 0)
                 u_rows = lax.dynamic_slice_in_dim(u1, off, sub)
                 u_rows = jnp.where(jnp.arange(block)[None, :] >= off + sub, u_rows, 0.0)
                 upd = u_rows.T @ es
-                return w1 - (upd if k1 is None else upd * k1), p1, e1
+                return w1 - (upd if k1 is None else upd * k1), kp1, e1
 
-            w1, p1, e1 = lax.fori_loop(0, block // sub, sub_step,
-                                       (w1, p1, jnp.zeros_like(w1)))
+            w1, kp1, e1 = lax.fori_loop(0, block // sub, sub_step,
+                                        (w1, kp1, jnp.zeros_like(w1)))
             wt = lax.dynamic_update_slice_in_dim(wt, w1, start, 0)
-            pruned = lax.dynamic_update_slice_in_dim(pruned, p1, start, 0)
+            kept = lax.dynamic_update_slice_in_dim(kept, kp1, start, 0)
 
             def lazy_step(c, wt):  # one later block of columns per matmul
                 upd = lax.dynamic_slice(up, (start, c * block), (block, block)).T @ e1
@@ -209,10 +218,10 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
                     wt, lax.dynamic_slice_in_dim(wt, c * block, block) - upd, c * block, 0)
 
             wt = lax.fori_loop(b + 1, nb, lazy_step, wt)
-            return wt, pruned
+            return wt, kept
 
-        wt, pruned = lax.fori_loop(0, nb, block_step, (wt, pruned))
-        kept = ~pruned[:cols].T
+        wt, kept = lax.fori_loop(0, nb, block_step, (wt, kept))
+        kept = kept[:cols].T
         w_out = jnp.where(kept, wt[:cols].T, 0.0)
     return w_out, kept, grid
 
@@ -228,10 +237,10 @@ def _damped_factor(hessian, dampening: float):
             if ratio != dampening:
                 warnings.warn(f"sparsegpt: Cholesky of the damped Hessian failed with "
                               f"dampening={dampening}; succeeded with dampening={ratio}. Check "
-                              "the calibration inputs (NaN/inf, too few tokens).", stacklevel=4)
+                              "the calibration inputs (too few tokens).", stacklevel=4)
             return u, dead
     warnings.warn(f"sparsegpt: Cholesky of the Hessian failed even with dampening={tries[-1]} "
-                  "(NaN/inf or non-positive-definite Hessian); using the identity: this layer "
+                  "(a non-positive-definite Hessian); using the identity: this layer "
                   "gets no error compensation (magnitude selection per block). Check the "
                   "calibration inputs.", stacklevel=4)
     return jnp.eye(hessian.shape[0], dtype=jnp.float32), dead
@@ -251,6 +260,8 @@ def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, m
     if bits is not None and not 2 <= bits <= 16:
         raise ValueError(f"quant bits={bits}: pass an integer width in [2, 16] (e.g. 4 or 8)")
     weight = jnp.asarray(weight)
+    check_finite(weight, "the weight")
+    check_finite(hessian, "the Hessian of its inputs")
     u, dead = _damped_factor(jnp.asarray(hessian), dampening)
     rows = weight.shape[0]
     tail = cols - (-(-cols // block_size) - 1) * block_size
@@ -282,7 +293,8 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
     quant_bits / quant_sym: also quantize the kept weights in the same sweep (per-row grid of
       the weights before this pruning, dead inputs and `mask` zeros applied; see
       `quantize.minmax_grid`); pruned entries stay exactly 0.
-    Raises ValueError on a malformed request; a Hessian that cannot be factorised only warns.
+    Raises ValueError on a malformed request and NonFiniteError (a ValueError) on a NaN/inf
+    weight or Hessian; a finite Hessian that cannot be factorised only warns (see above).
     """
     pattern = "nm" if n else "unstructured"
     w, kept, _ = _solve(weight, hessian, pattern=pattern, sparsity=sparsity, n=n, m=m,
@@ -296,7 +308,7 @@ def quantize_layer(weight: Float[Array | np.ndarray, "out in"],
                    block_size: int = 128, dampening: float = 0.01,
                    mask: Bool[Array | np.ndarray, "..."] | None = None
                    ) -> tuple[Float[Array, "out in"], QuantGrid]:
-    """GPTQ: quantize one linear layer with error compensation (REFERENCES.md section 7).
+    """GPTQ: quantize one linear layer with error compensation (`docs/algorithms.md`, "GPTQ").
 
     Returns (dequantized weight in the input dtype, the per-row grid: codes are
     `quantize.quantize(w, grid)`). With `mask` (a sparse model), masked entries stay exactly

@@ -1,4 +1,6 @@
-"""Wanda: prune by |W_ij| * ||X_j||_2, compared within each output row (REFERENCES.md s. 3).
+"""Wanda: prune by |W_ij| * ||X_j||_2, compared within each output row.
+
+Formula, defaults and published numbers: `docs/algorithms.md`, "Wanda".
 
 No weight update, no Hessian: only the per-input-feature squared norms of the calibration
 inputs, accumulated with `sparse_llama.pruning.hessian.accumulate_sq_norms`. The diagonal of the
@@ -14,24 +16,24 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from sparse_llama.pruning.magnitude import (
+    check_finite,
     check_mask_dtype,
     check_pattern,
     count_for,
-    prune_smallest,
-    prune_smallest_nm,
+    mask_smallest,
+    mask_smallest_nm,
 )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
-def _wanda(weight, sq_norms, keep, k, *, n, m):
+def _wanda(weight, sq_norms, mask, k, *, n, m):
     norms = jnp.sqrt(jnp.maximum(sq_norms.astype(jnp.float32), 0.0))
     scores = jnp.abs(weight.astype(jnp.float32)) * norms[None, :]
-    forced = None if keep is None else ~keep
     if n:
-        pruned = prune_smallest_nm(scores, n, m, forced=forced)
+        keep = mask_smallest_nm(scores, n, m, mask=mask)
     else:  # one problem per output row
-        pruned = prune_smallest(scores, k, forced=forced, batch_dims=1)
-    return jnp.where(pruned, jnp.zeros((), weight.dtype), weight), ~pruned
+        keep = mask_smallest(scores, k, mask=mask, batch_dims=1)
+    return jnp.where(keep, weight, jnp.zeros((), weight.dtype)), keep
 
 
 def prune_layer(weight: Float[Array | np.ndarray, "out in"],
@@ -46,6 +48,7 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
     Unstructured: in each row, prune the `count_for(sparsity, in)` smallest |W_ij| ||X_j||
     (old pruned entries of `mask` count towards it and stay pruned). N:M (n, m > 0): the n
     smallest of every m consecutive inputs of each row; `sparsity` is then not used.
+    Raises ValueError on a malformed request, NonFiniteError on a NaN/inf weight or norm.
     """
     check_pattern(tuple(weight.shape), sparsity, n, m, None if mask is None else mask.shape)
     check_mask_dtype(mask)
@@ -53,6 +56,8 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
         raise ValueError(f"input_sq_norms has shape {tuple(input_sq_norms.shape)}; pass the "
                          f"({weight.shape[1]},) squared input-feature norms of this layer")
     weight = jnp.asarray(weight)
+    check_finite(weight, "the weight")
+    check_finite(input_sq_norms, "the squared input norms")
     k = count_for(sparsity, weight.shape[1])
     keep = None if mask is None else jnp.asarray(mask)
     return _wanda(weight, jnp.asarray(input_sq_norms), keep, k, n=n, m=m)

@@ -3,6 +3,16 @@
 A mask leaf is a bool array. Targeted (prunable) tensors get a mask of the weight's shape; every
 other leaf gets a 0-d `True`, which broadcasts in `w * mask`, costs nothing to store and keeps
 the two trees identical so one `jax.tree.map` applies, combines or shards them.
+
+One polarity everywhere in the project: True = kept, False = pruned (the weight is an exact
+zero). Every public function that takes or returns a mask, here and in `sparse_llama.pruning`,
+follows it.
+
+One axis for N:M groups: the reduction (input) axis of a linear, i.e. the m consecutive inputs
+that one output sums over (what 2:4 sparse tensor cores need). The model stores linear weights
+(in, out), stacked (L, in, out), so the groups run along axis -2 (`NM_AXIS_STORED`); Hugging
+Face and the pruning solvers' `prune_layer` use (out, in), where they run along axis -1
+(`NM_AXIS_HF`). `docs/algorithms.md`, "Masks", says the same.
 """
 
 from collections.abc import Sequence
@@ -11,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Prunable tensors by path suffix (default target spec: REFERENCES.md section 1).
+# N:M groups run along the input axis: -2 of the model's (in, out) / (L, in, out) leaves, -1 of
+# the (out, in) weights the solvers and Hugging Face use.
+NM_AXIS_STORED = -2
+NM_AXIS_HF = -1
+
+# Prunable tensors by path suffix (default target spec: `docs/algorithms.md`, "Calibration and
+# the sequential driver": q/k/v/o and gate/up/down; embeddings, norms and lm_head stay dense).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -71,8 +87,10 @@ def combine_masks(old, new):
     return jax.tree.map(jnp.logical_and, old, new)
 
 
-def check_nm(mask: np.ndarray | jax.Array, n: int, m: int, axis: int = -1) -> bool:
-    """True when every group of m consecutive entries along `axis` has at least n zeros."""
+def check_nm(mask: np.ndarray | jax.Array, n: int, m: int, *, axis: int) -> bool:
+    """True when every group of m consecutive entries along `axis` has at least n pruned
+    (False) entries. `axis` has no default: pass `NM_AXIS_STORED` for the model's (in, out)
+    leaves or `NM_AXIS_HF` for (out, in) weights (a default silently checked the wrong axis)."""
     mask = np.moveaxis(np.asarray(mask), axis, -1)
     if mask.shape[-1] % m:
         return False

@@ -11,16 +11,24 @@ Orbax writes a step into a temporary directory and renames it when every item is
 leftover temporary directories are deleted when a manager next opens the workdir. Saves are
 asynchronous: the arrays are copied off the devices before `save` returns, so the next
 (donating) train step cannot change what is being written.
+
+A committed step can still be damaged later (a truncated copy, a disk error, a deleted file).
+`restore_latest` then falls back to the newest intact step, warning with the bad step's number
+and moving it aside to `<workdir>/checkpoints_damaged/` (its number would otherwise block the
+re-save of that step). A restore that fails because the saved state has another structure
+(the optimizer settings changed) is not damage and is reported as such.
 """
 
 import dataclasses
 import json
 import os
 import signal
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from sparse_llama.model.config import LlamaConfig
@@ -32,6 +40,19 @@ EXECUTION_FIELDS = ("dtype", "scan_layers", "remat")
 # every replicated array across its replicas, which compiles one slicing program per shape:
 # seconds of compile on the first save of a small model for no gain.
 _MIN_REPLICA_PARALLEL_BYTES = 16 << 20
+
+
+class DamagedCheckpointError(ValueError):
+    """A committed step that cannot be read back (files truncated, missing or corrupt)."""
+
+    def __init__(self, step: int, where: str, cause: BaseException):
+        self.step = step
+        super().__init__(f"checkpoint step {step} in {where} is damaged: "
+                         f"{type(cause).__name__}: {str(cause).strip()[:300]}")
+
+
+class DataStateMismatchError(ValueError):
+    """The data-iterator state of this process is absent (another process count)."""
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -61,9 +82,9 @@ class DataStateHandler(ocp.CheckpointHandler):
         path = self._filename(directory)
         if not path.exists():
             found = sorted(p.name for p in directory.iterdir())
-            raise ValueError(f"no data-iterator state for this process ({path.name}) in "
-                             f"{directory} (found {found}); resume with the process count the "
-                             "run was checkpointed with")
+            raise DataStateMismatchError(
+                f"no data-iterator state for this process ({path.name}) in {directory} (found "
+                f"{found}); resume with the process count the run was checkpointed with")
         return json.loads(path.read_text())
 
     def metadata(self, directory: epath.Path) -> None:
@@ -86,6 +107,20 @@ class DataStateSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
     pass
+
+
+def _leaf_shapes(tree) -> dict[tuple, tuple]:
+    """{path: shape} of a tree's array leaves; paths as plain names, so a NamedTuple saved as a
+    dict and a tuple saved as a list compare equal."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return getattr(key, attr)
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
 
 
 def architecture(config: LlamaConfig) -> dict:
@@ -130,6 +165,7 @@ class Checkpoints:
             registry.add(name, restore, handler)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               handler_registry=registry)
+        self._read_only = read_only
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -159,11 +195,32 @@ class Checkpoints:
             config=ocp.args.JsonSave(run_config))
         return self._manager.save(step, args=args, force=True)
 
+    def _saved_state_fits(self, step: int, abstract: TrainState) -> bool | None:
+        """Whether the saved state has `abstract`'s leaves (paths, shapes); None: unreadable."""
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved = saved.tree if hasattr(saved, "tree") else saved
+            theirs = _leaf_shapes(saved)
+        except Exception:  # any failure to read the metadata is damage
+            return None
+        if not theirs:  # orbax gives None when the state's _METADATA file is gone
+            return None
+        return theirs == _leaf_shapes(abstract)
+
     def restore(self, step: int, abstract: TrainState, *, model: LlamaConfig,
                 with_data: bool = True) -> tuple[TrainState, Any]:
-        """(state placed like `abstract`, the data-iterator state or None) of `step`."""
+        """(state placed like `abstract`, the data-iterator state or None) of `step`.
+
+        Raises ValueError when the step holds another model or a state of another structure
+        (changed optimizer settings), DataStateMismatchError for another process count, and
+        DamagedCheckpointError when its files cannot be read back.
+        """
         where = os.path.join(self.directory, str(step))
-        check_same_model(self.saved_model(step), model, where)
+        try:
+            saved_model = self.saved_model(step)
+        except Exception as err:  # a JSON item that cannot be read back
+            raise DamagedCheckpointError(step, self.directory, err) from err
+        check_same_model(saved_model, model, where)
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                            dtype=a.dtype), abstract)
@@ -172,15 +229,64 @@ class Checkpoints:
             items["data"] = DataStateRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as err:
-            if "data-iterator state" in str(err):
-                raise
-            raise ValueError(f"checkpoint {where} does not fit this run's training state "
-                             f"(did the optimizer settings change?): {err}") from err
+        except DataStateMismatchError:
+            raise
+        except Exception as err:  # classified below, never swallowed
+            # The metadata tells a structure change (the optimizer's) from damaged files.
+            if self._saved_state_fits(step, abstract) is False:
+                raise ValueError(f"checkpoint {where} does not fit this run's training state "
+                                 f"(did the optimizer settings change?): {err}") from err
+            raise DamagedCheckpointError(step, self.directory, err) from err
         state = restored["state"]
         if not isinstance(state, TrainState):
             state = TrainState(*state)
         return state, (restored["data"] if with_data else None)
+
+    def restore_latest(self, abstract: TrainState, *, model: LlamaConfig,
+                       with_data: bool = True) -> tuple[TrainState, Any] | None:
+        """Restore the newest intact step: (state, data state or None), or None if none saved.
+
+        A damaged step is skipped with a warning naming it; unless the manager is read-only,
+        it is moved to `<workdir>/checkpoints_damaged/` once an older step restores, so the
+        run can save that step number again. Every step damaged: ValueError naming them (they
+        are left where they are). Another model, another optimizer structure or another
+        process count raise at once: those are not damage, and an older step would not help.
+        """
+        damaged: list[DamagedCheckpointError] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, abstract, model=model, with_data=with_data)
+            except DamagedCheckpointError as err:
+                logging.warning("%s; falling back to the previous checkpoint", err)
+                damaged.append(err)
+                continue
+            if damaged:
+                self._set_aside([err.step for err in damaged])
+                logging.warning("resumed from checkpoint step %d instead of damaged step(s) %s",
+                                step, [err.step for err in damaged])
+            return restored
+        if damaged:
+            raise ValueError(f"every checkpoint in {self.directory} is damaged ("
+                             + "; ".join(str(err) for err in damaged)
+                             + "); move them away to start the run afresh")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged step directories out of the manager's sight (process 0 renames)."""
+        if self._read_only:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.rename(os.path.join(self.directory, str(step)), target)
+                logging.warning("moved damaged checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sparse_llama_set_aside_damaged")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are committed."""

@@ -18,13 +18,12 @@ import numpy as np
 
 from sparse_llama.model import hf_io, sharding
 from sparse_llama.model.config import LlamaConfig, RopeScaling
+from sparse_llama.optim import keep_sparse
 from sparse_llama.optim.factory import make_optimizer
+from sparse_llama.sparsity.sparse_export import save_sparse_hf
+from sparse_llama.train import sparse_start
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints
-
-# Files of a Hugging Face tokenizer directory worth carrying along.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "added_tokens.json")
 
 
 def save_tokenizer(tokenizer, source_dir: str | None, workdir: str) -> str:
@@ -39,7 +38,7 @@ def save_tokenizer(tokenizer, source_dir: str | None, workdir: str) -> str:
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=target.parent))
         try:
             if source_dir is not None:
-                for name in _TOKENIZER_FILES:
+                for name in hf_io.TOKENIZER_FILES:  # the list every writer carries
                     if (Path(source_dir) / name).is_file():
                         shutil.copy2(Path(source_dir) / name, tmp / name)
             else:
@@ -73,6 +72,15 @@ def export_params(params: dict, model: LlamaConfig, out_dir: str, *,
     return Path(out_dir).absolute()
 
 
+def export_sparse(params: dict, masks: dict, model: LlamaConfig, out_dir: str, *,
+                  tokenizer_dir: str | None) -> Path:
+    """`export_params` for a sparse run: weights with exact zeros, `masks/` and
+    `sparsity_report.json` in one directory, written whole (sparsity/sparse_export.py)."""
+    out, _ = save_sparse_hf(host_params(params), model, out_dir, masks=host_params(masks),
+                            tokenizer_dir=tokenizer_dir)  # every process: masks are collective
+    return out
+
+
 def model_from_saved(arch: dict) -> LlamaConfig:
     """The LlamaConfig stored in a checkpoint's `model` item."""
     arch = dict(arch)
@@ -81,27 +89,50 @@ def model_from_saved(arch: dict) -> LlamaConfig:
     return LlamaConfig(**arch)
 
 
+def _saved_settings(checkpoints: Checkpoints) -> tuple[LlamaConfig, ml_collections.ConfigDict]:
+    """(model, run config) of the newest step whose two JSON items read back.
+
+    Every step of a workdir holds the same model and run settings; a damaged newest step must
+    not stop the export of an older intact one (restore_latest skips it the same way).
+    """
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            return (model_from_saved(checkpoints.saved_model(step)),
+                    ml_collections.ConfigDict(checkpoints.saved_config(step)))
+        except Exception:  # a damaged step; restore_latest names it
+            continue
+    raise ValueError(f"no checkpoint in {checkpoints.directory} has a readable model and "
+                     "config: every step is damaged")
+
+
 def export_latest(workdir: str, out_dir: str | None = None) -> dict:
-    """Export the newest checkpoint of `workdir` to `out_dir` (default `<workdir>/hf`)."""
+    """Export the newest intact checkpoint of `workdir` to `out_dir` (default `<workdir>/hf`).
+
+    A damaged newer step is skipped with a warning naming it (and left in place).
+    """
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
-        step = checkpoints.latest_step()
-        if step is None:
+        if checkpoints.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
-        model = model_from_saved(checkpoints.saved_model(step))
-        run = ml_collections.ConfigDict(checkpoints.saved_config(step))
+        model, run = _saved_settings(checkpoints)
         mesh_cfg = {"data": -1, "fsdp": 1, "tensor": 1, "rules": dict(run.mesh.rules)}
         mesh = sharding.make_mesh(mesh_cfg)
         rules = sharding.rules_from_config(mesh_cfg)
-        optimizer, _ = make_optimizer(run.optimizer, run.train.steps)
+        # The optimizer the run trained with, so the saved state has its structure.
+        optimizer, _ = make_optimizer(run.optimizer, run.train.steps,
+                                      sparse=sparse_start.keeps_mask(run))
         abstract = state_lib.abstract_state(model, optimizer, mesh, rules,
                                             param_dtype=jnp.dtype(run.model.param_dtype))
-        state, _ = checkpoints.restore(step, abstract, model=model, with_data=False)
+        state, _ = checkpoints.restore_latest(abstract, model=model, with_data=False)
     finally:
         checkpoints.close()
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         tokenizer_dir = None
     out_dir = out_dir or os.path.join(workdir, "hf")
-    hf_dir = export_params(state.params, model, out_dir, tokenizer_dir=tokenizer_dir)
-    return {"hf_dir": str(hf_dir), "step": step}
+    masks = keep_sparse.find_masks(state.opt_state)
+    if masks is None:
+        hf_dir = export_params(state.params, model, out_dir, tokenizer_dir=tokenizer_dir)
+    else:  # a sparse run's export carries its masks and sparsity report, as at its end
+        hf_dir = export_sparse(state.params, masks, model, out_dir, tokenizer_dir=tokenizer_dir)
+    return {"hf_dir": str(hf_dir), "step": int(jax.device_get(state.step))}

@@ -1,9 +1,13 @@
-"""`train(config, workdir)`: dense (pre)training with evaluation, checkpoints and export.
+"""`train(config, workdir)`: dense or sparse training of any objective, with evaluation,
+checkpoints and export.
 
-The order of work: validate the config; build the mesh, the tokenizer and the model config;
-open `<workdir>/checkpoints` and either restore the newest checkpoint (state and data order)
-or create the state (a preset initialised in place, or a Hugging Face directory's weights);
-then step, evaluate, checkpoint; finally export `<workdir>/hf`.
+The order of work: validate the config; build the mesh, the tokenizer, the model config, the
+objective (`train.objective`, train/objectives.py) and the optimizer (AdamW, wrapped in
+keep-sparse when `sparsity.keep`); open `<workdir>/checkpoints` and either restore the newest
+checkpoint (state and data order) or create the state (a preset initialised in place, or a
+Hugging Face directory's weights, with the masks sparse_start.py picks); then step, evaluate,
+checkpoint; finally export `<workdir>/hf` (with `masks/` and `sparsity_report.json` when the
+run keeps a mask).
 
 Host and device overlap: a step's metrics are read one step late, so the host prepares the
 next batch while the device runs; at every checkpoint, evaluation or stop the current step's
@@ -24,8 +28,10 @@ from sparse_llama.data import pipeline
 from sparse_llama.data.tokenizer import check_vocab, default_tokenizer, load_tokenizer
 from sparse_llama.model import loading, sharding
 from sparse_llama.model.config import LlamaConfig, check_context, preset
+from sparse_llama.optim import keep_sparse
 from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.train import config_checks, export
+from sparse_llama.sparsity.report import format_report
+from sparse_llama.train import config_checks, export, objectives, sparse_start
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints, StopRequest
 from sparse_llama.train.loss import BATCH_KEYS
@@ -60,7 +66,10 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer) -> LlamaC
     if config.model.hf_path:
         model = loading.model_config(config.model)
     else:
-        model = loading.model_config(config.model, vocab_size=tokenizer.vocab_size)
+        # A model trained from scratch speaks its tokenizer's special ids: the export's
+        # config.json and generation_config.json must name them (not the preset's).
+        model = loading.model_config(config.model, vocab_size=tokenizer.vocab_size).replace(
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     check_vocab(tokenizer, model.vocab_size)
     check_context(config.data.seq_len, model)
     return model
@@ -158,6 +167,54 @@ def _check_finite(step: int, m: dict, checkpoints: Checkpoints) -> None:
         "optimizer.clip_norm, then rerun (it resumes from the last good checkpoint)")
 
 
+def run_optimizer(config: ml_collections.ConfigDict, objective: objectives.Objective):
+    """(optimizer, schedule) of a run: AdamW from `optimizer.*`, wrapped in keep-sparse when
+    the run keeps a mask, then in whatever the objective adds. Restoring a checkpoint builds
+    the same, so its optimizer state has the same structure."""
+    optimizer, schedule = make_optimizer(config.optimizer, config.train.steps,
+                                         sparse=sparse_start.keeps_mask(config))
+    return objective.transform(optimizer), schedule
+
+
+def _initial_state(config, model, optimizer, mesh, rules, param_dtype) -> state_lib.TrainState:
+    """Step 0: a preset initialised in place, or a Hugging Face directory's weights; with the
+    masks the run keeps (sparse_start.py)."""
+    seed = config.train.seed
+    if config.model.hf_path:
+        bundle = loading.load_model(config.model)
+        masks = sparse_start.loaded_masks(config, bundle.params)
+        state = state_lib.state_from_params(bundle.params, optimizer, mesh, rules, seed=seed,
+                                            param_dtype=param_dtype, masks=masks)
+        del bundle
+    else:
+        state = state_lib.init_state(model, optimizer, mesh, rules, seed=seed,
+                                     param_dtype=param_dtype)
+    mask_fn = sparse_start.static_mask_fn(config)
+    if mask_fn is not None:
+        state = state_lib.masked_state(state, optimizer, seed=seed, mask_fn=mask_fn)
+    return state
+
+
+def _export(state, model: LlamaConfig, out_dir: str, tokenizer_dir: str | None, *,
+            keep: bool) -> tuple[str, dict | None]:
+    """(the exported HF directory, its sparsity report or None for a dense run).
+
+    A sparse run's export holds its masks and sparsity report beside the weights, so the next
+    stage of a recipe starts from it as from a `launch.prune` output.
+    """
+    if not keep:
+        return str(export.export_params(state.params, model, out_dir,
+                                        tokenizer_dir=tokenizer_dir)), None
+    out = export.export_sparse(state.params, keep_sparse.find_masks(state.opt_state), model,
+                               out_dir, tokenizer_dir=tokenizer_dir)
+    report = None
+    if jax.process_index() == 0:  # the writer (other hosts may not share its filesystem)
+        with open(out / "sparsity_report.json") as f:
+            report = json.load(f)
+        print(format_report(report), flush=True)
+    return str(out), report
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop: StopRequest | None = None) -> dict:
     """Train to `config.train.steps` (resuming from `workdir`); returns the run summary.
@@ -167,6 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     SIGTERM or `stop.request()` ended the run early, after a checkpoint).
     """
     config_checks.check_train_config(config)
+    sparse_start.check_sparsity_config(config)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
@@ -175,7 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     batch_sh = sharding.batch_sharding(mesh, rules)
     config_checks.check_batch_layout(t.batch_size, t.grad_accum, _batch_devices(batch_sh),
                                      jax.process_count(), t.data_shards)
-    optimizer, schedule = make_optimizer(config.optimizer, t.steps)
+    objective = objectives.build(config, model, mesh, rules)
+    optimizer, schedule = run_optimizer(config, objective)
+    keep = sparse_start.keeps_mask(config)
     param_dtype = jnp.dtype(config.model.param_dtype)
     abstract = state_lib.abstract_state(model, optimizer, mesh, rules, param_dtype=param_dtype)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
@@ -185,26 +245,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     data_iter = ProcessBatches(config.data, tokenizer, seq_len=seq_len,
                                batch_size=t.batch_size, seed=t.seed,
                                shards=t.data_shards or jax.process_count())
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, data_state = checkpoints.restore(latest, abstract, model=model)
+    restored = checkpoints.restore_latest(abstract, model=model)  # skips damaged steps
+    if restored is not None:
+        state, data_state = restored
         data_iter.set_state(data_state)
-    elif config.model.hf_path:
-        bundle = loading.load_model(config.model)
-        state = state_lib.state_from_params(bundle.params, optimizer, mesh, rules, seed=t.seed,
-                                            param_dtype=param_dtype)
-        del bundle
     else:
-        state = state_lib.init_state(model, optimizer, mesh, rules, seed=t.seed,
-                                     param_dtype=param_dtype)
+        state = _initial_state(config, model, optimizer, mesh, rules, param_dtype)
     tokenizer_dir = export.save_tokenizer(tokenizer, tokenizer_dir, workdir)
 
     micro_rows = t.batch_size // t.grad_accum
     eval_data = (pipeline.eval_batches(config.data, tokenizer, seq_len=seq_len,
                                        batch_size=micro_rows, max_batches=t.eval_batches)
                  if t.eval_batches else [])
-    train_step = make_train_step(model, optimizer, schedule, grad_accum=t.grad_accum,
-                                 state_shardings=shardings, batch_sharding=batch_sh)
+    compiled: dict = {}  # phase -> jitted step (one program per phase of the objective)
+
+    def step_for(update: int):
+        phase = objective.phase(update)
+        if phase not in compiled:
+            if compiled:
+                logging.warning("step %d enters objective phase %r: compiling its step",
+                                update, phase)
+            compiled[phase] = make_train_step(
+                model, optimizer, schedule, grad_accum=t.grad_accum, state_shardings=shardings,
+                batch_sharding=batch_sh, objective=objective.for_step(update))
+        return compiled[phase]
+
+    step_inputs = () if objective.inputs is None else (objective.inputs,)
     eval_step = make_eval_step(model, param_shardings=shardings.params, batch_sharding=batch_sh)
 
     step = int(jax.device_get(state.step))
@@ -244,7 +310,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         with stop_request:
             while step < t.steps:
                 batch = next(data_iter)
-                state, metrics = train_step(state, _place(batch, batch_sh, t.batch_size))
+                state, metrics = step_for(step)(state, _place(batch, batch_sh, t.batch_size),
+                                                *step_inputs)
                 settle()  # the previous step; this one runs meanwhile
                 step += 1
                 pending = (step, metrics)
@@ -278,17 +345,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 eval_ppl = result["perplexity"]
                 log.eval(step, result)
         checkpoints.wait()
-        hf_dir = None
+        hf_dir = report = None
         if t.export_hf and not stopped:
-            hf_dir = str(export.export_params(state.params, model, os.path.join(workdir, "hf"),
-                                              tokenizer_dir=tokenizer_dir))
+            hf_dir, report = _export(state, model, os.path.join(workdir, "hf"), tokenizer_dir,
+                                     keep=keep)
     finally:
         log.close()
         checkpoints.close()
     summary = {"step": step, "loss": last_loss, "eval_perplexity": eval_ppl,
                "tokens_per_s": log.tokens_per_s(), "workdir": os.path.abspath(workdir)}
+    # No value is a NaN: what a run did not measure is null in the JSON line.
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+               for k, v in summary.items()}
     if stopped:
         summary["stopped"] = True
     if hf_dir:
         summary["hf_dir"] = hf_dir
+        if report is not None:
+            summary["sparsity"] = report["overall"]
     return summary

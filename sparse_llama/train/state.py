@@ -5,6 +5,7 @@ weights in `model.param_dtype`), the optimizer state and a base PRNG key. It is 
 so it is a pytree for `jax.jit`, for sharding trees and for orbax without registration.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -16,6 +17,8 @@ from jaxtyping import Array, Int, UInt32
 
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
+from sparse_llama.optim import keep_sparse
+from sparse_llama.sparsity.masks import apply_masks
 
 
 class TrainState(NamedTuple):
@@ -31,10 +34,18 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
 
 
-def create(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state at step 0 around existing params (traceable)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=_keys(seed)[1])
+def create(params: dict, optimizer: optax.GradientTransformation, seed: int,
+           masks: dict | None = None) -> TrainState:
+    """A fresh state at step 0 around existing params (traceable).
+
+    `masks` replace the ones a keep-sparse optimizer derived from the params' zeros (a mask
+    loaded from disk may keep a weight that happens to be zero).
+    """
+    opt_state = optimizer.init(params)
+    if masks is not None:
+        opt_state = keep_sparse.set_masks(opt_state, masks)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=_keys(seed)[1])
 
 
 def _init_fn(config: LlamaConfig, optimizer, seed: int, param_dtype):
@@ -76,10 +87,32 @@ def init_state(config: LlamaConfig, optimizer: optax.GradientTransformation, mes
 
 
 def state_from_params(params: dict, optimizer: optax.GradientTransformation, mesh: Mesh, rules,
-                      *, seed: int, param_dtype=jnp.float32) -> TrainState:
-    """A step-0 state around loaded (host) params, placed in the sharded layout."""
+                      *, seed: int, param_dtype=jnp.float32, masks: dict | None = None
+                      ) -> TrainState:
+    """A step-0 state around loaded (host) params, placed in the sharded layout.
+
+    `masks` (host bool arrays) go into a keep-sparse optimizer's state; they are an argument
+    of the jitted builder, placed by the params' rules, never a constant of its program.
+    """
     params = jax.tree.map(lambda w: np.asarray(w, dtype=param_dtype), params)
     abstract = jax.eval_shape(lambda p: create(p, optimizer, seed), params)
     shardings = shardings_for(abstract, optimizer, mesh, rules)
     placed = sharding.shard(params, shardings.params)
-    return jax.jit(lambda p: create(p, optimizer, seed), out_shardings=shardings)(placed)
+    if masks is None:
+        return jax.jit(lambda p: create(p, optimizer, seed), out_shardings=shardings)(placed)
+    placed_masks = sharding.shard(masks, sharding.param_shardings(masks, mesh, rules))
+    return jax.jit(lambda p, m: create(p, optimizer, seed, m),
+                   out_shardings=shardings)(placed, placed_masks)
+
+
+def masked_state(state: TrainState, optimizer: optax.GradientTransformation, *, seed: int,
+                 mask_fn: Callable[[dict], dict]) -> TrainState:
+    """A step-0 state whose params are `state.params` masked by `mask_fn(params)` (computed
+    on the sharded params, in place) and whose optimizer keeps those masks."""
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+
+    def build(params):
+        masks = mask_fn(params)
+        return create(apply_masks(params, masks), optimizer, seed, masks)
+
+    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(state.params)

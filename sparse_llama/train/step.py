@@ -1,6 +1,7 @@
 """One jitted, pure training step and its evaluation twin.
 
-`train_step(state, batch) -> (state, metrics)` donates `state`: the old params and optimizer
+`train_step(state, batch[, inputs]) -> (state, metrics)` minimises an objective
+(`train/objectives.py`; default the dense LM loss) and donates `state`: the old params and optimizer
 moments are overwritten in place, so a step needs one copy of the state, not two. With
 `grad_accum = k` the batch is split into k micro-batches inside the step (a `lax.scan`), their
 gradient sums are added and divided once by the total token count: the update is the one a
@@ -18,14 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Float
 
 from sparse_llama.model.config import LlamaConfig
+from sparse_llama.train import objectives
 from sparse_llama.train.loss import lm_loss
+from sparse_llama.train.objectives import Objective
 from sparse_llama.train.state import TrainState
-
-# loss_fn(params, batch, rng) -> (sum of token losses, token count)
-LossFn = Callable[[dict, dict, jax.Array], tuple[Float[Array, ""], Float[Array, ""]]]
 
 # XLA:CPU hands dots and reductions to YNNPACK but keeps elementwise fusions its own: with
 # YNNPACK's elementwise fusions (on by default in jax 0.10) the backward of SwiGLU writes its
@@ -59,64 +58,85 @@ def _split_micro(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _grad_sums(loss_fn: LossFn, params: dict, batch: dict, rng: jax.Array, grad_accum: int):
-    """(gradient of the summed loss, summed loss, token count) over the whole batch."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def _grad_sums(objective: Objective, params: dict, batch: dict, rng: jax.Array, inputs,
+               step_args: dict, grad_accum: int):
+    """(gradient of the summed loss, summed loss, token count, summed terms) over the batch."""
+    def loss(p, mb, key):
+        total, count, terms = objective.loss(p, mb, key, inputs, step_args)
+        return total, (count, terms)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch, rng)
-        return grads, loss_sum, count
+        (loss_sum, (count, terms)), grads = grad_fn(params, batch, rng)
+        return grads, loss_sum, count, terms
 
     def micro(carry, xs):
-        grads, loss_sum, count = carry
+        grads, loss_sum, count, terms = carry
         mb, i = xs
-        (mb_loss, mb_count), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (mb_loss, (mb_count, mb_terms)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
-        return (grads, loss_sum + mb_loss, count + mb_count), None
+        terms = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), terms, mb_terms)
+        return (grads, loss_sum + mb_loss, count + mb_count, terms), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    mb0 = jax.tree.map(lambda x: x[0], _split_micro(batch, grad_accum))
+    term_shapes = jax.eval_shape(lambda: objective.loss(params, mb0, rng, inputs, step_args)[2])
+    term_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), term_shapes)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), term_zeros)
     xs = (_split_micro(batch, grad_accum), jnp.arange(grad_accum))
-    (grads, loss_sum, count), _ = jax.lax.scan(micro, init, xs)
+    (grads, loss_sum, count, terms), _ = jax.lax.scan(micro, init, xs)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    return grads, loss_sum, count
+    return grads, loss_sum, count, terms
 
 
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum: int = 1,
                     state_shardings: TrainState | None = None,
                     batch_sharding: NamedSharding | None = None,
-                    loss_fn: LossFn | None = None) -> Callable:
-    """The jitted `train_step(state, batch) -> (state, metrics)`, donating `state`.
+                    objective: Objective | None = None) -> Callable:
+    """The jitted `train_step(state, batch[, inputs]) -> (state, metrics)`, donating `state`.
 
-    metrics (float32 scalars, replicated): loss (mean token NLL), tokens (counted tokens),
-    grad_norm (before clipping), lr (the rate this update used), param_norm (after it).
-    `loss_fn` replaces the dense LM loss (sparse or distillation training); it gets a per-step
-    key, `fold_in(state.rng, state.step)`, so stochastic losses are reproducible on resume.
+    `objective` (default: the dense LM loss) says what is minimised (`train/objectives.py`);
+    pass `objective.inputs` as the third argument when it has any: they are placed with
+    `objective.input_shardings`, never baked into the program. The objective gets a per-step
+    key, `fold_in(state.rng, state.step)` (micro-batch i: `fold_in(key, i)`), so stochastic
+    objectives are reproducible on resume; its `prepare` runs once per step and its step
+    arguments reach the loss and `optimizer.update` as extra arguments.
+
+    metrics (float32 scalars, replicated): loss (mean token loss), tokens (counted tokens),
+    grad_norm (before clipping), lr (the rate this update used), param_norm (after it), and
+    each of the objective's terms (`sum / weight` over the whole batch).
     """
-    if loss_fn is None:
-        def loss_fn(params, batch, rng):
-            del rng  # the dense loss is deterministic
-            return lm_loss(params, batch, config)
+    if objective is None:
+        objective = objectives.lm_objective(config)
+    has_inputs = objective.inputs is not None
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, *maybe_inputs) -> tuple[TrainState, dict]:
+        inputs = maybe_inputs[0] if maybe_inputs else None
         rng = jax.random.fold_in(state.rng, state.step)
-        grads, loss_sum, count = _grad_sums(loss_fn, state.params, batch, rng, grad_accum)
+        step_args = objective.prepare(state.params, batch, rng, inputs)
+        grads, loss_sum, count, terms = _grad_sums(objective, state.params, batch, rng, inputs,
+                                                   step_args, grad_accum)
         # max(count, 1): a batch of pure padding gives zero gradients, not NaN.
         scale = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **step_args)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum * scale, "tokens": count,
                    "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                    # Checked by the loop: a finite loss can still leave inf params behind.
                    "param_norm": optax.tree.norm(params)}
+        for name, (total, weight) in terms.items():
+            metrics[name] = total / jnp.maximum(weight, 1e-30)
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     kwargs = {}
     if state_shardings is not None:
         replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-        kwargs = {"in_shardings": (state_shardings, batch_sharding),
-                  "out_shardings": (state_shardings, replicated)}
+        in_shardings = (state_shardings, batch_sharding)
+        if has_inputs:
+            in_shardings += (objective.input_shardings,)
+        kwargs = {"in_shardings": in_shardings, "out_shardings": (state_shardings, replicated)}
     return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(), **kwargs)
 
 
