@@ -7,7 +7,7 @@ For each config: the dense train step (AdamW, `lm` objective) and the SAT step a
 r in {0.25, 0.5, 0.75}, alone and with the same head rate (KV groups), selection `sampling`,
 scores from 1/8 of the batch's rows (configs/sat_cpt.py defaults). speedup = dense step time
 / SAT step time (scoring, selection, gathers and the frozen-unit bookkeeping included);
-ideal_speedup = 1 / (1 - (2/3) r - (1/3) r_h) (REFERENCES.md section 9: the matmul FLOPs of a
+ideal_speedup = 1 / (1 - (2/3) r - (1/3) r_h) (docs/sat.md, "Speed": the matmul FLOPs of a
 block; embeddings, lm_head and attention scores are not reduced, so the whole-model ideal is
 lower: model_ideal_speedup counts every matmul of the step, from
 `config.matmul_flops_per_token` with the kept widths); scoring_fraction = time of the scoring + selection alone / dense step time. Steps
@@ -16,12 +16,12 @@ measures the other processes). The last stdout line is {"benchmark": "sat", "row
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from peak_report import emit
+from train_step import fastest
 
 from configs import blocks, sat_cpt
 from sparse_llama.model import llama
@@ -67,19 +67,6 @@ def runner(step, state, batch):
         holder["state"], metrics = step(holder["state"], batch)
         float(metrics["loss"])  # blocks until done
     return run
-
-
-def fastest(fns: list, rounds: int = 3, steps: int = 3) -> list[float]:
-    for fn in fns:
-        fn()  # compile
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, t in zip(fns, times, strict=True):
-            for _ in range(steps):
-                start = time.perf_counter()
-                fn()
-                t.append(time.perf_counter() - start)
-    return [min(t) for t in times]
 
 
 def bench(name: str, metric: str, rounds: int = 3, steps: int = 3) -> list[dict]:

@@ -164,3 +164,24 @@ def recipe_eval(seq_len: int, max_chars: int = 0) -> ml_collections.ConfigDict:
         "batch_size": 8,
         "max_chars": max_chars,  # default data: cap on the held-out text (0: all of it)
     })
+
+
+def single_run(variants: dict, variant: str | None, default: str, where: str
+               ) -> ml_collections.ConfigDict:
+    """One training run's config from a variant table of (preset, seq_len, steps, batch_size,
+    lr, warmup_steps) rows: evaluation every steps/6, checkpoints every steps/3."""
+    variant = variant or default
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of {where}; choose one of "
+                         f"{sorted(variants)}")
+    preset, seq_len, steps, batch, lr, warmup = variants[variant]
+    config = ml_collections.ConfigDict()
+    config.model = model(preset)
+    config.mesh = mesh()
+    config.data = data(seq_len=seq_len)
+    config.train = train(steps=steps, batch_size=batch)
+    config.train.eval_every = max(steps // 6, 1)
+    config.train.checkpoint_every = max(steps // 3, 1)
+    config.optimizer = optimizer(lr=lr)
+    config.optimizer.warmup_steps = warmup
+    return config

@@ -41,24 +41,13 @@ _VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/finetune.py; choose one of "
-                         f"{sorted(_VARIANTS)}")
-    preset, seq_len, steps, batch, lr, warmup = _VARIANTS[variant]
-    config = ml_collections.ConfigDict()
-    config.model = blocks.model(preset)
-    config.mesh = blocks.mesh()
-    config.data = blocks.data(seq_len=seq_len)
+    config = blocks.single_run(_VARIANTS, arg, "tiny", "configs/finetune.py")
     config.data.validation_fraction = 0.05  # held-out conversations without data.eval_path
     # chat data: "auto" = the tokenizer's chat template if it has one, else the plain one;
     # "plain" = always the plain template (sparse_llama/data/chat.py)
     config.data.chat_template = "auto"
-    config.train = blocks.train(steps=steps, batch_size=batch)
-    config.train.eval_every = max(steps // 4, 1)
-    config.train.checkpoint_every = max(steps // 2, 1)
-    config.optimizer = blocks.optimizer(lr=lr)
-    config.optimizer.warmup_steps = warmup
+    config.train.eval_every = max(config.train.steps // 4, 1)
+    config.train.checkpoint_every = max(config.train.steps // 2, 1)
     config.optimizer.weight_decay = 0.0  # fine-tuning: stay near the pretrained weights
     config.sparsity = blocks.sparsity(keep=True)
     return config

@@ -54,20 +54,8 @@ _VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/sat_cpt.py; choose one of "
-                         f"{sorted(_VARIANTS)}")
-    preset, seq_len, steps, batch, lr, warmup = _VARIANTS[variant]
-    config = ml_collections.ConfigDict()
-    config.model = blocks.model(preset)
-    config.mesh = blocks.mesh()
-    config.data = blocks.data(seq_len=seq_len)
-    config.train = blocks.train(steps=steps, batch_size=batch)
+    config = blocks.single_run(_VARIANTS, arg, "tiny", "configs/sat_cpt.py")
     config.train.objective = "sat"
-    config.train.eval_every = max(steps // 3, 1)
-    config.train.checkpoint_every = max(steps // 3, 1)
-    config.optimizer = blocks.optimizer(lr=lr)
-    config.optimizer.warmup_steps = warmup
+    config.train.eval_every = max(config.train.steps // 3, 1)
     config.sat = sat_section()
     return config

@@ -19,32 +19,13 @@ response tokens.
 
 import ml_collections
 
-from configs import blocks, sat_cpt
-
-_VARIANTS = {
-    # preset, seq_len, steps, batch, lr, warmup
-    "tiny": ("tiny", 128, 200, 16, 5e-4, 10),
-    "m25": ("m25", 256, 600, 32, 2e-4, 30),
-}
+from configs import finetune, sat_cpt
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/sat_sft.py; choose one of "
-                         f"{sorted(_VARIANTS)}")
-    preset, seq_len, steps, batch, lr, warmup = _VARIANTS[variant]
-    config = ml_collections.ConfigDict()
-    config.model = blocks.model(preset)
-    config.mesh = blocks.mesh()
-    config.data = blocks.data(seq_len=seq_len)
-    config.data.validation_fraction = 0.05  # held-out conversations without data.eval_path
-    config.train = blocks.train(steps=steps, batch_size=batch)
+    """configs/finetune.py's chat fine-tuning (variants, data, optimizer) with SAT, dense."""
+    config = finetune.get_config(arg)
+    config.sparsity.keep = False  # SAT's SFT fine-tunes a dense model (set True on a sparse one)
     config.train.objective = "sat"
-    config.train.eval_every = max(steps // 4, 1)
-    config.train.checkpoint_every = max(steps // 2, 1)
-    config.optimizer = blocks.optimizer(lr=lr)
-    config.optimizer.warmup_steps = warmup
-    config.optimizer.weight_decay = 0.0  # fine-tuning: stay near the pretrained weights
     config.sat = sat_cpt.sat_section()
     return config

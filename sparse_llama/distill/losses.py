@@ -1,6 +1,6 @@
 """Distillation losses over the loss tokens of a batch: logit KD and per-layer SquareHead.
 
-Both follow REFERENCES.md section 5 and count only the tokens whose `loss_mask` (`weights`) is
+Both follow docs/algorithms.md ("Distillation") and count only the tokens whose `loss_mask` (`weights`) is
 positive: padding and, for instruction data, prompt tokens never enter a sum or a denominator.
 
 - `kd_sums`: the *sum* over loss tokens of `tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))`

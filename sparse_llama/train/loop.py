@@ -84,13 +84,14 @@ class ProcessBatches:
     """
 
     def __init__(self, data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                 shards: int):
+                 shards: int, tokenizer_dir: str | None = None):
         per_process = shards // jax.process_count()
         first = jax.process_index() * per_process
         self._iterators = [
             pipeline.train_iterator(data_cfg, tokenizer, seq_len=seq_len,
                                     global_batch_size=batch_size, seed=seed,
-                                    process_index=j, process_count=shards)
+                                    process_index=j, process_count=shards,
+                                    tokenizer_dir=tokenizer_dir)  # its chat template
             for j in range(first, first + per_process)]
 
     def __iter__(self) -> "ProcessBatches":
@@ -244,7 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     seq_len = config.data.seq_len
     data_iter = ProcessBatches(config.data, tokenizer, seq_len=seq_len,
                                batch_size=t.batch_size, seed=t.seed,
-                               shards=t.data_shards or jax.process_count())
+                               shards=t.data_shards or jax.process_count(),
+                               tokenizer_dir=tokenizer_dir)
     restored = checkpoints.restore_latest(abstract, model=model)  # skips damaged steps
     if restored is not None:
         state, data_state = restored
@@ -255,7 +257,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
     micro_rows = t.batch_size // t.grad_accum
     eval_data = (pipeline.eval_batches(config.data, tokenizer, seq_len=seq_len,
-                                       batch_size=micro_rows, max_batches=t.eval_batches)
+                                       batch_size=micro_rows, max_batches=t.eval_batches,
+                                       tokenizer_dir=tokenizer_dir)
                  if t.eval_batches else [])
     compiled: dict = {}  # phase -> jitted step (one program per phase of the objective)
 

@@ -96,8 +96,28 @@ def language_model(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: 
     return lm_objective(model)
 
 
+def distillation(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
+                 rules) -> Objective:
+    """The `distill` builder: CE + logit KD + SquareHead from the frozen teacher of the
+    `distill` section (sparse_llama/distill/objective.py, docs/distill.md)."""
+    from sparse_llama.distill import objective as distill  # late: it imports this module
+
+    return distill.build(config, model, mesh, rules)
+
+
+def sparsity_accelerated(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
+                         rules) -> Objective:
+    """The `sat` builder: each step trains only the sampled MLP channels and KV groups of the
+    `sat` section, with the ladder back to dense (sparse_llama/sat/objective.py, docs/sat.md)."""
+    from sparse_llama.sat import objective as sat  # late: it imports this module
+
+    return sat.build(config, model, mesh, rules)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "lm": language_model,
+    "distill": distillation,
+    "sat": sparsity_accelerated,
 }
 
 
