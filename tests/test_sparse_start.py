@@ -10,6 +10,7 @@ import hf_fixtures
 import jax
 import numpy as np
 import pytest
+from test_train_loop import StopAt
 
 from configs import sparse
 from sparse_llama.model import hf_io, llama, sharding
@@ -19,7 +20,7 @@ from sparse_llama.sparsity import mask_io
 from sparse_llama.sparsity.masks import is_target, path_name
 from sparse_llama.train import export, loop, objectives, sparse_start
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.checkpoint import Checkpoints, StopRequest
+from sparse_llama.train.checkpoint import Checkpoints
 
 HF_CFG = preset("tiny").replace(vocab_size=hf_fixtures.TINY["vocab_size"],
                                 max_position_embeddings=64)
@@ -81,17 +82,6 @@ def run_config(start, hf_path="", steps=4, **sparsity):
     config.optimizer.warmup_steps = 1
     config.sparsity.update(sparsity)
     return config
-
-
-class StopAt(StopRequest):
-    """A SIGTERM that arrives while step `at` runs."""
-
-    def __init__(self, at):
-        super().__init__()
-        self.at = at
-
-    def should_stop(self, step):
-        return step >= self.at or super().should_stop(step)
 
 
 def no_checkpoint_written(workdir) -> bool:
