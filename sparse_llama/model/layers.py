@@ -2,7 +2,8 @@
 
 Dimension letters: b batch, t query positions, s key positions, d model width, f MLP width,
 h query heads, k kv heads, g query heads per kv head, e head dim, v vocab.
-Weights are stored (in, out): `x @ w` (Hugging Face stores (out, in); see hf_io).
+Weights are stored (in, out) and every matmul with one goes through `linear.linear` (a dense
+array or a structured weight type; Hugging Face stores (out, in); see hf_io).
 
 `mlp` takes an optional index array of kept intermediate channels and `attention_context`
 an optional index array of kept query heads or of kept KV groups, so that sparsity-accelerated training (SAT) can
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from sparse_llama.model.linear import cast, linear
 
 _NEG_INF = -1e30  # finite, so fully-masked rows (padding) give uniform weights, never NaN
 
@@ -121,10 +124,10 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
         n_q = head_idx.shape[0]
         if group_idx is None:
             kv_head_of_q = head_idx // (num_heads // num_kv_heads)
-    wq, wo, wk, wv = (w.astype(dtype) for w in (wq, wo, wk, wv))
-    q = (x @ wq).reshape(b, t, n_q, head_dim)
-    k = (x @ wk).reshape(b, t, n_kv, head_dim)
-    v = (x @ wv).reshape(b, t, n_kv, head_dim)
+    wq, wo, wk, wv = (cast(w, dtype) for w in (wq, wo, wk, wv))
+    q = linear(x, wq).reshape(b, t, n_q, head_dim)
+    k = linear(x, wk).reshape(b, t, n_kv, head_dim)
+    v = linear(x, wv).reshape(b, t, n_kv, head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv(k, v) if kv is not None else (k, v)
     out = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
@@ -136,7 +139,7 @@ def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
               ) -> tuple[Float[Array, "b t d"], tuple[Array, Array]]:
     """Self-attention block (without its norm): `attention_context` then o_proj."""
     context, wo, new_kv = attention_context(p, x, cos, sin, mask, **kwargs)
-    return context @ wo, new_kv
+    return linear(context, wo), new_kv
 
 
 def mlp_activations(p: dict, x: Float[Array, "b t d"], *, dtype,
@@ -147,8 +150,8 @@ def mlp_activations(p: dict, x: Float[Array, "b t d"], *, dtype,
     if neuron_idx is not None:
         w_gate, w_up, w_down = w_gate[:, neuron_idx], w_up[:, neuron_idx], w_down[neuron_idx, :]
     # Cast after gathering: only the kept channels are converted to the compute dtype.
-    w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
-    return jax.nn.silu(x @ w_gate) * (x @ w_up), w_down
+    w_gate, w_up, w_down = (cast(w, dtype) for w in (w_gate, w_up, w_down))
+    return jax.nn.silu(linear(x, w_gate)) * linear(x, w_up), w_down
 
 
 def mlp(p: dict, x: Float[Array, "b t d"], *, dtype,
@@ -156,4 +159,4 @@ def mlp(p: dict, x: Float[Array, "b t d"], *, dtype,
     """SwiGLU MLP. `neuron_idx` keeps only those intermediate channels (gate/up columns and
     down rows gathered), so the matmuls shrink to the kept width."""
     act, w_down = mlp_activations(p, x, dtype=dtype, neuron_idx=neuron_idx)
-    return act @ w_down
+    return linear(act, w_down)

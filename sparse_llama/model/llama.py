@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, Int
 
 from sparse_llama.model import layers
 from sparse_llama.model.config import LlamaConfig, rope_inverse_frequencies
+from sparse_llama.model.linear import linear
 from sparse_llama.sparsity.masks import apply_masks
 
 _REMAT = {
@@ -102,11 +103,11 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
         p["self_attn"], h, cos, sin, mask, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.dim_per_head, dtype=dtype,
         head_idx=head_idx, group_idx=group_idx, kv=kv)
-    x = x + context @ wo
+    x = x + linear(context, wo)
     h2 = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
     act, w_down = layers.mlp_activations(p["mlp"], h2, dtype=dtype, neuron_idx=neuron_idx)
     taps = {"qkv": h, "o_proj": context, "gate_up": h2, "down_proj": act}
-    return x + act @ w_down, new_kv, taps
+    return x + linear(act, w_down), new_kv, taps
 
 
 def block(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: LlamaConfig, *,

@@ -1,0 +1,33 @@
+"""The one seam every weight matmul of the decoder blocks goes through.
+
+A weight leaf of the params is either a dense array stored (in, out), or a *structured weight*:
+a registered pytree type (a packed sparse weight in sparse_llama/kernels, an int8 weight with
+scales in the INT8 work) that implements
+
+    matmul(x)      -> x @ W in x's dtype (its own kernel or reference)
+    astype(dtype)  -> the weight prepared for a compute dtype (e.g. values cast, codes kept)
+
+`linear(x, w)` on a dense array is exactly today's `x @ w` (same program), so the dense path
+costs nothing; `cast(w, dtype)` is `w.astype(dtype)` for both kinds.
+"""
+
+import jax
+import numpy as np
+from jaxtyping import Array, Float
+
+
+def is_dense(w) -> bool:
+    """True for a plain (in, out) array (a jax array, a tracer or numpy)."""
+    return isinstance(w, jax.Array | np.ndarray)
+
+
+def cast(w, dtype):
+    """`w` prepared for compute in `dtype` (dense: cast; structured: its own `astype`)."""
+    return w.astype(dtype)
+
+
+def linear(x: Float[Array, "*b i"], w) -> Float[Array, "*b o"]:
+    """x @ W for a dense or structured weight leaf."""
+    if is_dense(w):
+        return x @ w
+    return w.matmul(x)
