@@ -25,13 +25,16 @@ and `m25` (600 steps of 32 x 256 at lr 2e-4). The tiny chain from nothing:
 Measured (`:tiny`, 70% SparseGPT student of configs/dense.py:tiny, 200 steps on 600k
 characters of Python modules): held-out perplexity 27.72 -> 12.56 (the dense model: 10.15),
 about 100 s on a loaded 2-core CPU; docs/distill.md has the distilled runs beside it.
-The last stdout line is configs/sparse.py's: {"step", "loss", "eval_perplexity" (over the
+With `--config.finetune.lora_rank=8` (and a LoRA learning rate, e.g.
+`--config.optimizer.lr=2e-3`) the same run trains mask-preserving LoRA adapters instead; the
+last line then also names "adapters". The last stdout line is configs/sparse.py's: {"step", "loss", "eval_perplexity" (over the
 held-out response tokens for chat data), "tokens_per_s", "workdir", "hf_dir", "sparsity"}.
 """
 
 import ml_collections
 
 from configs import blocks
+from sparse_llama.train.adapters import finetune_section
 
 _VARIANTS = {
     # preset, seq_len, steps, batch, lr, warmup
@@ -50,4 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = max(config.train.steps // 2, 1)
     config.optimizer.weight_decay = 0.0  # fine-tuning: stay near the pretrained weights
     config.sparsity = blocks.sparsity(keep=True)
+    # LoRA instead of full fine-tuning: finetune.lora_rank=R > 0 trains rank-R adapters of
+    # every target linear with the model frozen; lora_alpha 0 = R (scale alpha / R = 1).
+    # DIR/hf is the merged model (W + scale * (A B) * mask: the base's zeros exactly) and
+    # DIR/adapters.safetensors the adapters alone (sparse_llama/train/adapters.py).
+    config.finetune = finetune_section()
     return config

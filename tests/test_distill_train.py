@@ -2,39 +2,19 @@
 
 import json
 
-import jax
-import numpy as np
 import pytest
 
 from configs import finetune_distill
-from sparse_llama.data.tokenizer import default_tokenizer, train_bpe
-from sparse_llama.model import hf_io, llama
+from sparse_llama.data.tokenizer import train_bpe
 from sparse_llama.model.config import preset
-from sparse_llama.sparsity.sparse_export import save_sparse_hf
-from sparse_llama.sparsity.static import static_masks
 from sparse_llama.train import loop
 
 CFG = preset("tiny")
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    """(teacher dir, 70%-pruned student dir, a chat JSONL, a plain-text file)."""
-    root = tmp_path_factory.mktemp("distill")
-    tokenizer = default_tokenizer(CFG.vocab_size)
-    tok_dir = str(tokenizer.save(root / "tokenizer"))
-    params = jax.device_get(llama.init_params(jax.random.key(0), CFG))
-    teacher = hf_io.save_hf(params, CFG, root / "teacher", tokenizer_dir=tok_dir)
-    masks = jax.device_get(static_masks(params, "magnitude", 0.7, jax.random.key(1)))
-    pruned = jax.tree.map(lambda w, m: np.where(m, w, 0).astype(w.dtype), params, masks)
-    student, _ = save_sparse_hf(pruned, CFG, root / "student", masks=masks,
-                                tokenizer_dir=tok_dir)
-    chat = root / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"prompt": f"add {i} and {i}", "response": str(2 * i)})
-                            + "\n" for i in range(200)))
-    text = root / "text.txt"
-    text.write_text("def f(x):\n    return x + 1\n" * 400)
-    return str(teacher), str(student), str(chat), str(text)
+@pytest.fixture
+def dirs(finetune_dirs):
+    return finetune_dirs
 
 
 def _config(dirs, data_path, **distill):

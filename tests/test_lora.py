@@ -9,9 +9,10 @@ import pytest
 from sparse_llama.model import llama, lora
 from sparse_llama.model.config import preset
 from sparse_llama.sparsity.masks import masks_from_zeros, path_name
+from sparse_llama.train import adapters as adapters_lib
 from sparse_llama.train import loss as loss_lib
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.objectives import Objective
+from sparse_llama.train.objectives import Objective, lm_objective
 from sparse_llama.train.step import make_train_step
 
 CFG = preset("tiny").replace(vocab_size=64, max_position_embeddings=32)
@@ -85,15 +86,16 @@ def test_training_moves_only_the_adapters_and_starts_at_the_base(sparse_base):
     before = jax.tree.map(np.array, params)
     adapters = lora.init_adapters(jax.random.key(3), params, 2)
     optimizer = optax.adam(1e-2)
-    obj = Objective(loss=lora.lora_loss(CFG, 1.0), inputs=(params, masks))
+    obj = Objective(loss=adapters_lib.lora_loss(lm_objective(CFG).loss, 1.0),
+                    inputs=(params, masks, None))
     step = make_train_step(CFG, optimizer, optax.constant_schedule(1e-2), objective=obj)
     state = state_lib.create(adapters, optimizer, seed=0)
     batch = make_batch()
-    state, m0 = step(state, batch, (params, masks))
+    state, m0 = step(state, batch, (params, masks, None))
     base_total, base_count = jax.jit(loss_lib.lm_loss, static_argnums=2)(params, batch, CFG)
     np.testing.assert_allclose(float(m0["loss"]), float(base_total / base_count), rtol=1e-5)
     for _ in range(3):
-        state, m = step(state, batch, (params, masks))
+        state, m = step(state, batch, (params, masks, None))
     assert float(m["loss"]) < float(m0["loss"])
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))  # the base is frozen

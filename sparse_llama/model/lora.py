@@ -15,9 +15,8 @@ Adapters are a plain nested dict keyed like the params (`layers/self_attn/q_proj
 {"a", "b"}); saved alone as one safetensors file (`save_adapters`, tensor names
 `layers.self_attn.q_proj.lora_a` / `.lora_b`, rank and alpha in its metadata).
 
-`lora_loss` is the LM loss of the merged model as a function of the adapters, with the base
-params and masks as frozen inputs (`Objective.inputs`): the only trainable arrays are the
-adapters.
+Training them is train/adapters.py's (any objective's loss of the merged model, the base and
+its masks frozen inputs of the step).
 """
 
 import os
@@ -28,13 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from sparse_llama.model.config import LlamaConfig
 from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
-from sparse_llama.train.loss import lm_loss
 
 
-def _targets(params: dict, targets: Sequence[str]) -> dict[str, jax.Array]:
-    """{path name: weight} of the targeted leaves (stacked (L, in, out))."""
+def _targets(params: dict, targets: Sequence[str]) -> dict:
+    """{path name: weight or its ShapeDtypeStruct} of the targeted leaves ((L, in, out))."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {path_name(p): w for p, w in flat if is_target(path_name(p), targets)}
 
@@ -103,17 +100,6 @@ def merge(params: dict, adapters: dict, masks: dict | None, scale: float) -> dic
             new = jnp.where(m, new, w.astype(jnp.float32))
         leaves.append(new.astype(w.dtype))
     return jax.tree_util.tree_unflatten(flat[1], leaves)
-
-
-def lora_loss(model: LlamaConfig, scale: float):
-    """`loss(adapters, batch, rng, (base_params, masks), step_args)` of an Objective: the LM
-    loss of the merged model; the base is frozen (stop_gradient) and only the adapters train."""
-    def loss(adapters, batch, rng, inputs, step_args):
-        del rng, step_args
-        base, masks = jax.lax.stop_gradient(inputs)
-        total, count = lm_loss(merge(base, adapters, masks, scale), batch, model)
-        return total, count, {}
-    return loss
 
 
 def _flat_names(adapters: dict) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@
 checkpoint itself, so the command takes no config.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from sparse_llama.model import hf_io, sharding
 from sparse_llama.model.config import LlamaConfig, RopeScaling
 from sparse_llama.optim import keep_sparse
 from sparse_llama.optim.factory import make_optimizer
+from sparse_llama.sparsity.report import format_report
 from sparse_llama.sparsity.sparse_export import save_sparse_hf
 from sparse_llama.train import sparse_start
 from sparse_llama.train import state as state_lib
@@ -79,6 +81,23 @@ def export_sparse(params: dict, masks: dict, model: LlamaConfig, out_dir: str, *
     out, _ = save_sparse_hf(host_params(params), model, out_dir, masks=host_params(masks),
                             tokenizer_dir=tokenizer_dir)  # every process: masks are collective
     return out
+
+
+def export_run(params: dict, masks: dict | None, model: LlamaConfig, out_dir: str, *,
+               tokenizer_dir: str | None) -> tuple[str, dict | None]:
+    """(the exported HF directory, its sparsity report or None): `export_params` for a dense
+    run, `export_sparse` (masks, report) for one that kept `masks`; process 0 prints the
+    report. A sparse run's export holds its masks and sparsity report beside the weights, so
+    the next stage of a recipe starts from it as from a `launch.prune` output."""
+    if masks is None:
+        return str(export_params(params, model, out_dir, tokenizer_dir=tokenizer_dir)), None
+    out = export_sparse(params, masks, model, out_dir, tokenizer_dir=tokenizer_dir)
+    report = None
+    if jax.process_index() == 0:  # the writer (other hosts may not share its filesystem)
+        with open(out / "sparsity_report.json") as f:
+            report = json.load(f)
+        print(format_report(report), flush=True)
+    return str(out), report
 
 
 def model_from_saved(arch: dict) -> LlamaConfig:

@@ -30,7 +30,6 @@ from sparse_llama.model import loading, sharding
 from sparse_llama.model.config import LlamaConfig, check_context, preset
 from sparse_llama.optim import keep_sparse
 from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.sparsity.report import format_report
 from sparse_llama.train import config_checks, export, objectives, sparse_start
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints, StopRequest
@@ -137,12 +136,13 @@ def _pad_rows(batch: dict, rows: int) -> dict:
             batch.items()}
 
 
-def evaluate(eval_step, params, batches: list[dict], batch_sh, rows: int) -> dict:
-    """Perplexity over the evaluation batches (every process holds all of them)."""
+def evaluate(eval_step, params, batches: list[dict], batch_sh, rows: int, *inputs) -> dict:
+    """Perplexity over the evaluation batches (every process holds all of them); `inputs`:
+    the frozen arrays of an objective that trains adapters."""
     nll, tokens = 0.0, 0.0
     for batch in batches:
         full = _pad_rows({k: batch[k] for k in BATCH_KEYS}, rows)
-        out = jax.device_get(eval_step(params, _place(full, batch_sh, rows)))
+        out = jax.device_get(eval_step(params, _place(full, batch_sh, rows), *inputs))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     loss = nll / max(tokens, 1.0)
@@ -171,16 +171,20 @@ def _check_finite(step: int, m: dict, checkpoints: Checkpoints) -> None:
 def run_optimizer(config: ml_collections.ConfigDict, objective: objectives.Objective):
     """(optimizer, schedule) of a run: AdamW from `optimizer.*`, wrapped in keep-sparse when
     the run keeps a mask, then in whatever the objective adds. Restoring a checkpoint builds
-    the same, so its optimizer state has the same structure."""
-    optimizer, schedule = make_optimizer(config.optimizer, config.train.steps,
-                                         sparse=sparse_start.keeps_mask(config))
+    the same, so its optimizer state has the same structure. Adapters (LoRA, a soft prompt)
+    are never wrapped in keep-sparse: the frozen model's mask is kept where they apply."""
+    sparse = sparse_start.keeps_mask(config) and objective.trainable is None
+    optimizer, schedule = make_optimizer(config.optimizer, config.train.steps, sparse=sparse)
     return objective.transform(optimizer), schedule
 
 
-def _initial_state(config, model, optimizer, mesh, rules, param_dtype) -> state_lib.TrainState:
+def _initial_state(config, model, optimizer, mesh, rules, param_dtype,
+                   trainable: objectives.Trainable | None) -> state_lib.TrainState:
     """Step 0: a preset initialised in place, or a Hugging Face directory's weights; with the
-    masks the run keeps (sparse_start.py)."""
+    masks the run keeps (sparse_start.py). Or the objective's adapters (the model is frozen)."""
     seed = config.train.seed
+    if trainable is not None:
+        return state_lib.init_trainable_state(trainable.init, optimizer, mesh, seed=seed)
     if config.model.hf_path:
         bundle = loading.load_model(config.model)
         masks = sparse_start.loaded_masks(config, bundle.params)
@@ -194,26 +198,6 @@ def _initial_state(config, model, optimizer, mesh, rules, param_dtype) -> state_
     if mask_fn is not None:
         state = state_lib.masked_state(state, optimizer, seed=seed, mask_fn=mask_fn)
     return state
-
-
-def _export(state, model: LlamaConfig, out_dir: str, tokenizer_dir: str | None, *,
-            keep: bool) -> tuple[str, dict | None]:
-    """(the exported HF directory, its sparsity report or None for a dense run).
-
-    A sparse run's export holds its masks and sparsity report beside the weights, so the next
-    stage of a recipe starts from it as from a `launch.prune` output.
-    """
-    if not keep:
-        return str(export.export_params(state.params, model, out_dir,
-                                        tokenizer_dir=tokenizer_dir)), None
-    out = export.export_sparse(state.params, keep_sparse.find_masks(state.opt_state), model,
-                               out_dir, tokenizer_dir=tokenizer_dir)
-    report = None
-    if jax.process_index() == 0:  # the writer (other hosts may not share its filesystem)
-        with open(out / "sparsity_report.json") as f:
-            report = json.load(f)
-        print(format_report(report), flush=True)
-    return str(out), report
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -236,9 +220,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                      jax.process_count(), t.data_shards)
     objective = objectives.build(config, model, mesh, rules)
     optimizer, schedule = run_optimizer(config, objective)
-    keep = sparse_start.keeps_mask(config)
+    trainable = objective.trainable
+    keep = sparse_start.keeps_mask(config) and trainable is None
     param_dtype = jnp.dtype(config.model.param_dtype)
-    abstract = state_lib.abstract_state(model, optimizer, mesh, rules, param_dtype=param_dtype)
+    if trainable is None:
+        abstract = state_lib.abstract_state(model, optimizer, mesh, rules,
+                                            param_dtype=param_dtype)
+    else:
+        abstract = state_lib.abstract_trainable_state(trainable.init, optimizer, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
 
     checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints)
@@ -252,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         state, data_state = restored
         data_iter.set_state(data_state)
     else:
-        state = _initial_state(config, model, optimizer, mesh, rules, param_dtype)
+        state = _initial_state(config, model, optimizer, mesh, rules, param_dtype, trainable)
     tokenizer_dir = export.save_tokenizer(tokenizer, tokenizer_dir, workdir)
 
     micro_rows = t.batch_size // t.grad_accum
@@ -274,7 +263,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         return compiled[phase]
 
     step_inputs = () if objective.inputs is None else (objective.inputs,)
-    eval_step = make_eval_step(model, param_shardings=shardings.params, batch_sharding=batch_sh)
+    eval_step = make_eval_step(
+        model, param_shardings=shardings.params, batch_sharding=batch_sh,
+        loss=None if trainable is None else trainable.eval_loss,
+        input_shardings=objective.input_shardings if trainable is not None else None)
+    eval_inputs = step_inputs if trainable is not None else ()
 
     step = int(jax.device_get(state.step))
     tokens_per_step = t.batch_size * seq_len
@@ -335,7 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                   or step == t.steps):
                     settle()
                     log.pause()
-                    result = evaluate(eval_step, state.params, eval_data, batch_sh, micro_rows)
+                    result = evaluate(eval_step, state.params, eval_data, batch_sh, micro_rows,
+                                      *eval_inputs)
                     eval_ppl = result["perplexity"]
                     log.eval(step, result)
                     log.resume()
@@ -344,14 +338,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     break
             settle()
             if step >= t.steps and eval_data and math.isnan(eval_ppl):
-                result = evaluate(eval_step, state.params, eval_data, batch_sh, micro_rows)
+                result = evaluate(eval_step, state.params, eval_data, batch_sh, micro_rows,
+                                      *eval_inputs)
                 eval_ppl = result["perplexity"]
                 log.eval(step, result)
         checkpoints.wait()
         hf_dir = report = None
-        if t.export_hf and not stopped:
-            hf_dir, report = _export(state, model, os.path.join(workdir, "hf"), tokenizer_dir,
-                                     keep=keep)
+        written: dict = {}
+        if t.export_hf and not stopped and trainable is not None:
+            written = trainable.export(export.host_params(state.params), objective.inputs,
+                                       workdir, tokenizer_dir)
+            hf_dir, report = written.pop("hf_dir", None), written.pop("sparsity_report", None)
+        elif t.export_hf and not stopped:
+            masks = keep_sparse.find_masks(state.opt_state) if keep else None
+            hf_dir, report = export.export_run(state.params, masks, model,
+                                               os.path.join(workdir, "hf"),
+                                               tokenizer_dir=tokenizer_dir)
     finally:
         log.close()
         checkpoints.close()
@@ -362,6 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                for k, v in summary.items()}
     if stopped:
         summary["stopped"] = True
+    summary.update(written)
     if hf_dir:
         summary["hf_dir"] = hf_dir
         if report is not None:

@@ -19,9 +19,16 @@ the same for all of them (`train/step.py` composes them):
 - State an objective keeps across steps (a schedule position, an rng) lives in an optax
   transformation it adds with `transform(optimizer)`: it is then checkpointed, sharded and
   restored with the optimizer state, and resuming needs nothing new.
+- An objective may train arrays that are not the model (`trainable`: LoRA adapters, a soft
+  prompt; train/adapters.py): the state's params are then those arrays (small, replicated),
+  the model is one of its frozen `inputs`, and `trainable` says how to create, evaluate and
+  export them.
 - An objective whose shapes change during training (SAT's ladder of omission rates) names
   static phases (`phase(step)`, `at_phase(name)`); the loop compiles one step per phase, so a
   resumed run lands in the phase of its step.
+
+`finetune.lora_rank > 0` wraps the named objective (lm or distill) so that it trains
+mask-preserving LoRA adapters of the frozen model instead of the model itself.
 
 Builders have the signature `build(config, model, mesh, rules) -> Objective`, registered by name
 in `OBJECTIVES`; the run config picks one with `train.objective`.
@@ -57,6 +64,17 @@ def _one_phase(step: int) -> None:
     return None
 
 
+class Trainable(NamedTuple):
+    """What a step trains when it is not the model (see the module docstring)."""
+
+    init: Callable[[jax.Array], Any]  # key -> the trainable pytree (float32)
+    # (trainable, batch, inputs) -> (nll_sum, token_count): the held-out loss of the adapted
+    # model, as the LM evaluation measures it
+    eval_loss: Callable[..., tuple[jax.Array, jax.Array]]
+    # (host trainable, inputs, workdir, tokenizer_dir) -> summary entries (paths written)
+    export: Callable[..., dict]
+
+
 class Objective(NamedTuple):
     """What one train step minimises (see the module docstring)."""
 
@@ -71,6 +89,7 @@ class Objective(NamedTuple):
     # `at_phase(name)` the objective of that phase. The loop compiles one step per phase.
     phase: Callable[[int], Any] = _one_phase
     at_phase: Callable[[Any], "Objective"] | None = None
+    trainable: Trainable | None = None  # None: the step trains the model's params
 
     def for_step(self, step: int) -> "Objective":
         """The objective that update `step` runs (itself unless it has phases)."""
@@ -114,10 +133,20 @@ def sparsity_accelerated(config: ml_collections.ConfigDict, model: LlamaConfig, 
     return sat.build(config, model, mesh, rules)
 
 
+def soft_prompt(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
+                rules) -> Objective:
+    """The `soft_prompt` builder: N learned embeddings before every input, the model frozen
+    (MediSwift; sparse_llama/train/adapters.py, docs/distill.md)."""
+    from sparse_llama.train import adapters  # late: it imports this module
+
+    return adapters.soft_prompt_objective(config, model, mesh, rules)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "lm": language_model,
     "distill": distillation,
     "sat": sparsity_accelerated,
+    "soft_prompt": soft_prompt,
 }
 
 
@@ -127,4 +156,10 @@ def build(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
     name = config.train.get("objective", "lm")
     if name not in OBJECTIVES:
         raise ValueError(f"train.objective={name!r} is not one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](config, model, mesh, rules)
+    from sparse_llama.train import adapters  # late: it imports this module
+
+    lora = adapters.lora_settings(config, model, name)  # checked before anything loads
+    objective = OBJECTIVES[name](config, model, mesh, rules)
+    if lora is not None:  # `finetune.lora_rank > 0`: adapters on the frozen model
+        objective = adapters.lora_objective(objective, config, model, mesh, rules, *lora)
+    return objective

@@ -116,3 +116,27 @@ def masked_state(state: TrainState, optimizer: optax.GradientTransformation, *, 
         return create(apply_masks(params, masks), optimizer, seed, masks)
 
     return jax.jit(build, out_shardings=shardings, donate_argnums=0)(state.params)
+
+
+def _trainable_init(init: Callable[[jax.Array], dict], optimizer, seed: int):
+    def build() -> TrainState:
+        return create(init(_keys(seed)[0]), optimizer, seed)
+    return build
+
+
+def abstract_trainable_state(init: Callable[[jax.Array], dict],
+                             optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """`abstract_state` of a run that trains small arrays that are not the model (LoRA
+    adapters, a soft prompt: `Objective.trainable`): every leaf replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = jax.eval_shape(_trainable_init(init, optimizer, 0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                        shapes)
+
+
+def init_trainable_state(init: Callable[[jax.Array], dict],
+                         optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                         seed: int) -> TrainState:
+    """The step-0 state of such a run (replicated, built in one jitted call)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(_trainable_init(init, optimizer, seed), out_shardings=replicated)()

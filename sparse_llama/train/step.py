@@ -141,18 +141,28 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(config: LlamaConfig, *, param_shardings=None,
-                   batch_sharding: NamedSharding | None = None) -> Callable:
-    """The jitted `eval_step(params, batch) -> {"nll_sum", "tokens"}` (float32 scalars).
+                   batch_sharding: NamedSharding | None = None, loss: Callable | None = None,
+                   input_shardings=None) -> Callable:
+    """The jitted `eval_step(params, batch[, inputs]) -> {"nll_sum", "tokens"}` (float32
+    scalars).
 
-    Perplexity over many batches is `exp(sum(nll_sum) / sum(tokens))`.
+    `loss(params, batch, inputs) -> (nll_sum, tokens)` replaces the LM loss of the model's
+    params (an objective that trains adapters evaluates the adapted model; pass its frozen
+    `inputs` with their `input_shardings`). Perplexity over many batches is
+    `exp(sum(nll_sum) / sum(tokens))`.
     """
-    def eval_step(params: dict, batch: dict) -> dict:
-        nll_sum, count = lm_loss(params, batch, config)
+    def eval_step(params: dict, batch: dict, *maybe_inputs) -> dict:
+        if loss is None:
+            nll_sum, count = lm_loss(params, batch, config)
+        else:
+            nll_sum, count = loss(params, batch, maybe_inputs[0] if maybe_inputs else None)
         return {"nll_sum": nll_sum, "tokens": count}
 
     kwargs = {}
     if param_shardings is not None:
         replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-        kwargs = {"in_shardings": (param_shardings, batch_sharding),
-                  "out_shardings": replicated}
+        in_shardings = (param_shardings, batch_sharding)
+        if input_shardings is not None:
+            in_shardings += (input_shardings,)
+        kwargs = {"in_shardings": in_shardings, "out_shardings": replicated}
     return jax.jit(eval_step, compiler_options=compiler_options(), **kwargs)
