@@ -144,6 +144,20 @@ def train_stage(tokens: float, *, lr: float, batch_size: int, warmup_steps: int,
     return stage
 
 
+def soft_prompt_stage(tokens: float, *, lr: float, batch_size: int, warmup_steps: int,
+                      num_tokens: int = 20) -> ml_collections.ConfigDict:
+    """A recipe's soft-prompt stage (MediSwift): `tokens` of prompt tuning of the current,
+    frozen model (configs/soft_prompt.py's objective) on `data_path` or the recipe's data."""
+    from sparse_llama.train.adapters import soft_prompt_section
+
+    stage = train_stage(tokens, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
+                        sparse=False)
+    stage.kind = "soft_prompt"
+    stage.optimizer.weight_decay = 0.0  # the prompt is not a weight to shrink
+    stage.soft_prompt = soft_prompt_section(num_tokens=num_tokens)
+    return stage
+
+
 def prune_stage(sparsity: float, *, method: str = "sparsegpt", profile: str = "uniform",
                 num_samples: int = 128, seq_len: int = 2048) -> ml_collections.ConfigDict:
     """A recipe's one-shot pruning stage: `pruning` and `calibration` keys as configs/prune.py;

@@ -66,7 +66,7 @@ def last_json(proc) -> dict:
 @pytest.mark.parametrize("flags, message", [
     (["--config.prune50.kind=distill"],
      r"config\.prune50\.kind='distill' is not a stage kind; use one of \['eval', 'export', "
-     r"'prune', 'train'\]"),
+     r"'prune', 'soft_prompt', 'train'\]"),
     (["--config.stages=('dense', 'prune50', 'sparse60')"],
      r"stage 'sparse60' of config\.stages has no config\.sparse60 section"),
     (["--config.sparse50.tokens=0"], r"config\.sparse50\.tokens=0 must be a positive token "),
@@ -192,3 +192,30 @@ def test_tiny_recipe_runs_reruns_as_a_no_op_and_resumes_a_killed_stage(tmp_path)
     for a, b in zip(resumed["stages"], summary["stages"], strict=True):
         assert a["sparsity"] == b["sparsity"] and a["perplexity"] == pytest.approx(
             b["perplexity"], rel=1e-6), a["name"]
+
+
+def test_mediswift_recipe_ends_with_a_soft_prompt_for_the_fine_tuned_model(tmp_path):
+    from configs import mediswift
+    from sparse_llama.recipes import stages
+
+    config = mediswift.get_config("tiny")
+    config.data.seq_len = config.eval.seq_len = 32
+    config.eval.max_chars = 20000
+    for name, tokens in (("sparse_pretrain", 1024), ("dense_finetune", 512), ("prompt", 512)):
+        config[name].tokens = tokens
+        config[name].train.batch_size = 8
+        config[name].optimizer.warmup_steps = 1
+    config.prompt.soft_prompt.num_tokens = 4
+    summary = stages.run(config, str(tmp_path / "ms"))
+    records = {r["name"]: r for r in summary["stages"]}
+    assert list(records) == ["sparse_pretrain", "dense_finetune", "prompt"]
+    assert records["sparse_pretrain"]["sparsity"] == pytest.approx(0.75, abs=2e-3)
+    assert records["dense_finetune"]["sparsity"] < 0.01  # the mask was released
+    # The prompt stage leaves the model as it was; its perplexity is the model's with the
+    # prompt (a different number from the same model's without it).
+    assert summary["hf_dir"] == str(tmp_path / "ms" / "dense_finetune" / "hf")
+    assert records["prompt"]["sparsity"] == records["dense_finetune"]["sparsity"]
+    assert records["prompt"]["perplexity"] != pytest.approx(
+        records["dense_finetune"]["perplexity"], rel=1e-4)
+    record = json.loads((tmp_path / "ms" / "prompt" / "stage.json").read_text())
+    assert Path(record["soft_prompt"]).is_file()

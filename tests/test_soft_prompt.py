@@ -70,3 +70,47 @@ def test_save_load_and_a_prompt_of_another_width_is_refused(params, tmp_path):
         soft_prompt.load(path, wider)
     with pytest.raises(ValueError, match="non-empty init text"):
         soft_prompt.init_from_text(params, [], 4)
+
+
+def test_generation_after_a_prompt_of_real_embeddings_continues_those_tokens(params):
+    from sparse_llama.model import generate
+
+    prefix = [3, 9, 27, 5]
+    prompt = [11, 2, 40]
+    soft = soft_prompt.init_from_text(params, prefix, 4)
+    got = generate.generate(params, CFG, prompt, max_new_tokens=6, eos_id=[], soft_prompt=soft)
+    want = generate.generate(params, CFG, prefix + prompt, max_new_tokens=6, eos_id=[])
+    assert got == want
+    with pytest.raises(ValueError, match="soft prompt 4 \\+ prompt length 3"):
+        generate.generate(params, CFG, prompt, max_new_tokens=60, soft_prompt=soft)
+
+
+def test_eval_and_generate_commands_take_a_prompt_file(finetune_dirs, tmp_path):
+    from configs import eval as eval_configs
+    from configs import generate as generate_configs
+    from sparse_llama.eval import run as eval_run
+    from sparse_llama.model import completion, hf_io
+    from sparse_llama.train.loop import resolve_tokenizer
+
+    model_dir, text = finetune_dirs[1], finetune_dirs[3]
+    cfg, base = hf_io.load_hf(model_dir)
+    config = eval_configs.get_config()
+    config.model.hf_path = model_dir
+    config.data.update(eval_path=text, seq_len=32)
+    plain = eval_run.run(config)
+    # A prompt of the embeddings of the text's own first tokens: every window is then scored
+    # as if it followed them, which changes (here: the model's) perplexity.
+    ids = resolve_tokenizer(config)[0].encode("def f(x):\n    return x + 1\n")
+    path = soft_prompt.save(soft_prompt.init_from_text(base, ids, 8), tmp_path / "p.safetensors")
+    config.model.soft_prompt = path
+    prompted = eval_run.run(config)
+    assert prompted["soft_prompt"] == path and prompted["tokens"] == plain["tokens"]
+    assert prompted["perplexity"] != pytest.approx(plain["perplexity"], rel=1e-4)
+    gen = generate_configs.get_config()
+    gen.model.update(hf_path=model_dir, soft_prompt=path)
+    gen.update(prompt="def", max_new_tokens=3)
+    assert len(completion.run(gen)["tokens"]) <= 3
+    soft_prompt.save(np.zeros((8, cfg.hidden_size + 1), np.float32), tmp_path / "wide.safetensors")
+    config.model.soft_prompt = str(tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="hidden size is 64: a soft prompt only fits"):
+        eval_run.run(config)

@@ -15,8 +15,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from sparse_llama.model import llama, sharding
+from sparse_llama.model import llama, sharding, soft_prompt
 from sparse_llama.model.config import LlamaConfig, check_context
+from sparse_llama.sparsity.masks import apply_masks
 from sparse_llama.train.loss import token_nll
 
 
@@ -41,16 +42,23 @@ def token_windows(token_ids, seq_len: int) -> np.ndarray:
 
 
 def window_nll(params: dict, windows: Int[Array, "b t"], weights: Float[Array, " b"],
-               config: LlamaConfig, masks=None) -> Float[Array, ""]:
-    """Sum over windows (weighted 0/1, for padding) of the summed next-token NLL."""
-    logits = llama.forward(params, windows, config, masks)[:, :-1]
+               config: LlamaConfig, masks=None,
+               prompt: Float[Array, "n d"] | None = None) -> Float[Array, ""]:
+    """Sum over windows (weighted 0/1, for padding) of the summed next-token NLL; with a
+    soft `prompt` in front of every window (model/soft_prompt.py)."""
+    if prompt is None:
+        logits = llama.forward(params, windows, config, masks)[:, :-1]
+    else:
+        if masks is not None:
+            params = apply_masks(params, masks)
+        logits = soft_prompt.forward(params, prompt, windows, config)[:, :-1]
     nll = token_nll(logits, windows[:, 1:])
     return jnp.sum(nll.sum(axis=-1) * weights)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _window_nll_jit(params, windows, weights, config, masks):
-    return window_nll(params, windows, weights, config, masks)
+def _window_nll_jit(params, windows, weights, config, masks, prompt):
+    return window_nll(params, windows, weights, config, masks, prompt)
 
 
 def check_token_ids(windows: np.ndarray, vocab_size: int) -> None:
@@ -63,15 +71,17 @@ def check_token_ids(windows: np.ndarray, vocab_size: int) -> None:
 
 def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
                      batch_size: int = 8, masks=None, mesh: Mesh | None = None,
-                     rules: dict | None = None, progress=None) -> PerplexityResult:
+                     rules: dict | None = None, progress=None,
+                     prompt: Float[Array, "n d"] | None = None) -> PerplexityResult:
     """Perplexity of the model over `windows` (n, seq_len), batched; exact at any batch size.
 
     With a mesh, batches are sharded over the rule for 'batch' (padded with zero-weight
     windows to a multiple of the batch size); params are expected to be placed already.
+    `prompt`: a soft prompt before every window (its positions are not scored).
     Raises ValueError for ids outside the vocabulary and for a non-finite NLL (the model's
     logits are not finite), so a perplexity is always a finite number.
     """
-    check_context(windows.shape[1], config)
+    check_context(windows.shape[1] + (0 if prompt is None else prompt.shape[0]), config)
     check_token_ids(windows, config.vocab_size)
     n = windows.shape[0]
     padded = math.ceil(n / batch_size) * batch_size
@@ -84,7 +94,7 @@ def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
     for start in range(0, padded, batch_size):
         sl = slice(start, start + batch_size)
         total += float(_window_nll_jit(params, place(all_windows[sl]), place(all_weights[sl]),
-                                       config, masks))
+                                       config, masks, prompt))
         if progress is not None:
             progress(min(start + batch_size, n), n)
     tokens = n * (windows.shape[1] - 1)

@@ -45,11 +45,17 @@ def _next_token(logits, key, temperature, top_p, greedy: bool):
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
 def _generate(params: dict, prompt: Int[Array, "b t"], config: LlamaConfig, key: Array,
               temperature: Float[Array, ""], top_p: Float[Array, ""], eos: Int[Array, " n"],
-              pad: Int[Array, ""], max_new_tokens: int, greedy: bool
+              pad: Int[Array, ""], max_new_tokens: int, greedy: bool,
+              soft_prompt: Float[Array, "p d"] | None = None
               ) -> tuple[Int[Array, "b m"], Int[Array, " b"]]:
     b, t = prompt.shape
-    cache = llama.init_cache(config, b, t + max_new_tokens)
-    logits, cache = llama.forward_cached(params, prompt, config, cache, jnp.int32(0))
+    n = 0 if soft_prompt is None else soft_prompt.shape[0]
+    cache = llama.init_cache(config, b, n + t + max_new_tokens)
+    if soft_prompt is not None:  # its rows hold positions 0..n-1, before the prompt's tokens
+        rows = jnp.broadcast_to(soft_prompt.astype(config.dtype), (b, *soft_prompt.shape))
+        _, cache = llama.forward_cached_embeds(params, rows, config, cache, jnp.int32(0))
+    t = n + t  # positions taken so far
+    logits, cache = llama.forward_cached(params, prompt, config, cache, jnp.int32(n))
     first = _next_token(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32)
     done = jnp.zeros((b,), jnp.bool_)
@@ -88,7 +94,8 @@ def generate(params: dict, config: LlamaConfig,
              prompt_tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray | Array,
              *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | Sequence[int] | None = None,
-             pad_id: int | None = None, return_lengths: bool = False):
+             pad_id: int | None = None, return_lengths: bool = False,
+             soft_prompt: Float[Array, "p d"] | None = None):
     """Continue the prompt(s) by up to `max_new_tokens` tokens.
 
     prompt_tokens: one prompt (list of ints) or a batch (b, t) of prompts of equal length.
@@ -97,6 +104,8 @@ def generate(params: dict, config: LlamaConfig,
     eos_id: a token id or several; a row stops after emitting one (it is included in the
       output). None uses `config.eos_token_id`; an empty list never stops early.
     pad_id: fills a row after it stopped (default: its first eos id, else 0).
+    soft_prompt: (N, hidden_size) embeddings placed before the prompt (model/soft_prompt.py),
+      as if they were N tokens at positions 0..N-1.
     Returns, for a list prompt, the list of new tokens (up to and including the EOS); for a
     batch, an int32 numpy array (b, max_new_tokens), padded after each row's stop, and with
     `return_lengths` also the number of valid tokens of each row (b,).
@@ -118,10 +127,12 @@ def generate(params: dict, config: LlamaConfig,
                          f"[{prompt.min()}, {prompt.max()}]")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    total = prompt.shape[1] + max_new_tokens
+    n = 0 if soft_prompt is None else soft_prompt.shape[0]
+    total = n + prompt.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:
-        raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = "
-                         f"{total} exceeds max_position_embeddings "
+        soft = f"soft prompt {n} + " if n else ""
+        raise ValueError(f"{soft}prompt length {prompt.shape[1]} + max_new_tokens "
+                         f"{max_new_tokens} = {total} exceeds max_position_embeddings "
                          f"({config.max_position_embeddings})")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature "
@@ -132,7 +143,8 @@ def generate(params: dict, config: LlamaConfig,
         params, jnp.asarray(prompt), config, jax.random.key(seed),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
         jnp.asarray(eos if eos else [-1], jnp.int32), jnp.int32(pad),
-        max_new_tokens=max_new_tokens, greedy=temperature == 0)
+        max_new_tokens=max_new_tokens, greedy=temperature == 0,
+        soft_prompt=None if soft_prompt is None else jnp.asarray(soft_prompt, jnp.float32))
     out, lengths = np.asarray(out), np.asarray(lengths)
     if single:
         return out[0, :lengths[0]].tolist()

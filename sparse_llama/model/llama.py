@@ -228,7 +228,14 @@ def forward_cached(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig,
     Returns the logits and the cache with this step's keys and values written in. All rows of
     the batch share the same positions (prompts of equal length).
     """
-    b, t = tokens.shape
+    return forward_cached_embeds(params, embed(params, tokens, config), config, cache, start)
+
+
+def forward_cached_embeds(params: dict, x: Float[Array, "b t d"], config: LlamaConfig,
+                          cache: dict, start: Int[Array, ""]
+                          ) -> tuple[Float[Array, "b t v"], dict]:
+    """`forward_cached` from input embeddings (a soft prompt's rows, model/soft_prompt.py)."""
+    b, t, _ = x.shape
     max_len = cache["k"].shape[2]
     q_pos = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
@@ -246,8 +253,8 @@ def forward_cached(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig,
         x, new_kv = block(p, x, cos, sin, mask, config, kv=write)
         return x, new_kv
 
-    x, (k, v) = run_blocks(params["layers"], embed(params, tokens, config),
-                           (cache["k"], cache["v"]), step, config)
+    x, (k, v) = run_blocks(params["layers"], x.astype(config.dtype), (cache["k"], cache["v"]),
+                           step, config)
     return _logits(params, x, config), {"k": k, "v": v}
 
 

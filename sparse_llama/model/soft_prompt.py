@@ -128,3 +128,15 @@ def load(path: str | os.PathLike, config: LlamaConfig) -> Float[Array, "n d"]:
         raise ValueError(f"cannot read soft prompt {path}: {e}") from e
     check_width(prompt.shape, config, f"soft prompt {path}")
     return jnp.asarray(prompt, jnp.float32)
+
+
+def from_model_section(model_cfg, config: LlamaConfig) -> Float[Array, "n d"] | None:
+    """The prompt `model.soft_prompt` names (checked against the model), or None when unset:
+    how `launch.eval` and `launch.generate` take `--config.model.soft_prompt=FILE`."""
+    path = model_cfg.get("soft_prompt") or ""
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.soft_prompt={path!r} is not a file; pass the "
+                                "soft_prompt.safetensors a configs/soft_prompt.py run wrote")
+    return load(path, config)

@@ -10,6 +10,9 @@ one section per name whose `kind` is a key of `STAGE_KINDS`:
             windows drawn from the training mixture; `keep_zeros` extends the previous mask
     eval    perplexity of the current model on the eval text, written to `<stage>/eval.json`
     export  the current model (with masks) written once more, in `dtype`, to `<stage>/hf`
+    soft_prompt  a soft prompt for the current (frozen) model trained for `tokens` tokens
+            (configs/soft_prompt.py's objective) on `data_path` or the recipe's data, written
+            to `<stage>/soft_prompt.safetensors` and measured with it; the model is unchanged
 
 Each stage works in `<workdir>/<stage>/` and ends by writing `<stage>/stage.json` (its record);
 a stage with that file is done and is never redone, so rerunning the command resumes: a killed
@@ -33,14 +36,14 @@ from absl import logging
 from sparse_llama.data import corpus, pipeline, sources
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import run as eval_run
-from sparse_llama.model import loading
+from sparse_llama.model import loading, soft_prompt
 from sparse_llama.pruning import run as prune_run
 from sparse_llama.recipes import plots
 from sparse_llama.sparsity import mask_io
 from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.sparsity.report import format_report, sparsity_report
 from sparse_llama.sparsity.sparse_export import save_sparse_hf
-from sparse_llama.train import config_checks, loop, sparse_start
+from sparse_llama.train import adapters, config_checks, loop, sparse_start
 
 RECORD = "stage.json"
 
@@ -129,7 +132,7 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
         if _skipped(config, name):
             continue
         stage = config[name]
-        if kind == "train":
+        if kind in ("train", "soft_prompt"):
             tokens = stage.get("tokens")
             if not isinstance(tokens, (int, float)) or tokens <= 0:
                 raise ValueError(f"config.{name}.tokens={tokens!r} must be a positive token "
@@ -137,6 +140,12 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
                                              "model with --config.model.hf_path=DIR"))
             run = train_config(config, name, "")  # the stage's start does not exist yet
             config_checks.check_train_config(run)
+            if kind == "soft_prompt":
+                if not has_model:
+                    raise ValueError(f"soft_prompt stage {name!r} has no model to prompt; give "
+                                     "model.hf_path or put a train stage before it")
+                adapters.check_soft_prompt_config(soft_prompt_config(config, name, ""))
+                continue
             if stage.sparse and not has_model and not stage.get("mask_init", ""):
                 raise ValueError(f"stage {name!r} trains sparse but no earlier stage made a "
                                  "sparse model; put a prune stage first, set config."
@@ -194,16 +203,19 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def measure(config: ml_collections.ConfigDict, hf_dir: str, text: str, label: str) -> dict:
+def measure(config: ml_collections.ConfigDict, hf_dir: str, text: str, label: str,
+            prompt_path: str = "") -> dict:
     """{"sparsity", "perplexity"} of the model in `hf_dir` (weights counted, launch.eval's
-    perplexity protocol), logging its sparsity report."""
+    perplexity protocol; with the soft prompt of `prompt_path` before every window when
+    given), logging its sparsity report."""
     bundle = loading.load_model(_model_section(config, hf_dir))
+    prompt = soft_prompt.load(prompt_path, bundle.config) if prompt_path else None
     report = sparsity_report(bundle.params)
     print(f"[{label}] sparsity {report['overall']:.4f}\n{format_report(report)}", flush=True)
     tokenizer = load_tokenizer(hf_dir)
     result = eval_run.evaluate_text(bundle, tokenizer, text, config.eval.seq_len,
                                     batch_size=config.eval.batch_size, mesh_cfg=config.mesh,
-                                    desc=f"eval ({label})")
+                                    desc=f"eval ({label})", prompt=prompt)
     if not math.isfinite(result.perplexity):
         raise ValueError(f"stage {label}: perplexity is {result.perplexity} (the model's loss "
                          "is not finite); lower that stage's learning rate")
@@ -218,6 +230,27 @@ def _train_stage(config, name, hf_path, stage_dir, text):
         return None  # preempted: checkpointed; the rerun resumes inside this stage
     tokens = run.train.steps * run.train.batch_size * run.data.seq_len
     return {"hf_dir": summary["hf_dir"], "tokens": tokens, "steps": run.train.steps}
+
+
+def soft_prompt_config(config: ml_collections.ConfigDict, name: str, hf_path: str
+                       ) -> ml_collections.ConfigDict:
+    """The `loop.train` config of soft-prompt stage `name` for the model in `hf_path`."""
+    run = train_config(config, name, hf_path)
+    run.train.objective = "soft_prompt"
+    run.soft_prompt = config[name].soft_prompt
+    return run
+
+
+def _soft_prompt_stage(config, name, hf_path, stage_dir, text):
+    run = soft_prompt_config(config, name, hf_path)
+    summary = loop.train(run, stage_dir)
+    if summary.get("stopped"):
+        return None
+    tokens = run.train.steps * run.train.batch_size * run.data.seq_len
+    measured = measure(config, hf_path, text or eval_text(config, os.path.dirname(stage_dir)),
+                       name, prompt_path=summary["soft_prompt"])
+    return {"hf_dir": hf_path, "soft_prompt": summary["soft_prompt"], "tokens": tokens,
+            "steps": run.train.steps, "measured": measured}
 
 
 def calibration_windows(config, name: str, hf_path: str, path: str) -> None:
@@ -284,7 +317,7 @@ def _export_stage(config, name, hf_path, stage_dir, text):
 
 
 STAGE_KINDS = {"train": _train_stage, "prune": _prune_stage, "eval": _eval_stage,
-               "export": _export_stage}
+               "export": _export_stage, "soft_prompt": _soft_prompt_stage}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

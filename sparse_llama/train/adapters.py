@@ -150,18 +150,20 @@ def lora_objective(inner: Objective, config: ml_collections.ConfigDict, model: L
                             eval_loss=eval_loss, export=write))
 
 
-def check_soft_prompt_config(config: ml_collections.ConfigDict) -> dict:
-    """The validated `soft_prompt` section (ValueError naming the key and the fix)."""
+def check_soft_prompt_config(config: ml_collections.ConfigDict,
+                             model: LlamaConfig | None = None) -> dict:
+    """The validated `soft_prompt` section (ValueError naming the key and the fix); with the
+    `model` it prompts, also that the prompt and a window fit its positions."""
     s = _section(config, "soft_prompt", SOFT_PROMPT_DEFAULTS)
     n = s["num_tokens"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"soft_prompt.num_tokens must be a positive integer, got {n!r}")
     if not isinstance(s["init_text"], str):
         raise ValueError("soft_prompt.init_text must be a string ('' = random vocabulary rows)")
-    _require_model(config, "a soft prompt")
-    if n + config.data.seq_len > loading.model_config(config.model).max_position_embeddings:
+    if model is not None and n + config.data.seq_len > model.max_position_embeddings:
         raise ValueError(f"soft_prompt.num_tokens={n} + data.seq_len={config.data.seq_len} "
-                         "exceeds the model's max_position_embeddings; shorten one of them")
+                         f"exceeds the model's max_position_embeddings "
+                         f"({model.max_position_embeddings}); shorten one of them")
     return s
 
 
@@ -171,7 +173,8 @@ def soft_prompt_objective(config: ml_collections.ConfigDict, model: LlamaConfig,
     frozen model's params."""
     from sparse_llama.train.loop import resolve_tokenizer  # late: the loop imports objectives
 
-    s = check_soft_prompt_config(config)
+    _require_model(config, "a soft prompt")
+    s = check_soft_prompt_config(config, model)
     base, base_sh, _, _ = _frozen(config, mesh, rules, with_masks=False)
     n = s["num_tokens"]
     if s["init_text"]:
