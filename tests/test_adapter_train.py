@@ -12,7 +12,7 @@ from configs import finetune, soft_prompt
 from sparse_llama.model import hf_io, lora
 from sparse_llama.model import soft_prompt as prompts
 from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import loop
+from sparse_llama.train import export, loop
 
 
 def _small(config, data_path, steps=3):
@@ -67,6 +67,8 @@ def test_lora_trains_adapters_and_exports_the_merge_with_the_base_zeros(finetune
     config = _lora_config(finetune_dirs)
     config.train.steps = 4
     assert loop.train(config, str(tmp_path / "run"))["step"] == 4
+    with pytest.raises(ValueError, match="trained LoRA adapters of a frozen model"):
+        export.export_latest(str(tmp_path / "run"))
 
 
 def test_lora_wraps_distillation(finetune_dirs, tmp_path):

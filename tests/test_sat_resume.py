@@ -6,23 +6,15 @@ import json
 
 import jax
 import numpy as np
+from test_train_loop import StopAt
 
 from configs import sat_cpt
-from sparse_llama.model import sharding
+from sparse_llama.model import hf_io, sharding
 from sparse_llama.optim.sat import find_sat_state
 from sparse_llama.sat import objective as sat_objective
 from sparse_llama.train import export, loop, objectives
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.checkpoint import Checkpoints, StopRequest
-
-
-class StopAt(StopRequest):
-    def __init__(self, at: int):
-        super().__init__()
-        self.at = at
-
-    def should_stop(self, step: int) -> bool:
-        return step == self.at
+from sparse_llama.train.checkpoint import Checkpoints
 
 
 def config():
@@ -76,3 +68,9 @@ def test_resume_lands_on_the_same_rung_and_selections(tmp_path, monkeypatch):
     assert np.any(sa.mlp_kept_steps == 3)
     assert rates(full) == {1: 0.25, 2: 0.25, 3: 0.0, 4: 0.0}
     assert rates(split) == {1: 0.25, 2: 0.25, 3: 0.0, 4: 0.0}
+    # `launch.export` of a SAT workdir: its params alone, without SAT's optimizer wrapper.
+    out = export.export_latest(str(full))
+    assert out["step"] == 4
+    _, exported = hf_io.load_hf(out["hf_dir"])
+    for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a.params), strict=True):
+        np.testing.assert_array_equal(x, y)

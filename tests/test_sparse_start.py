@@ -5,6 +5,7 @@ warning, static `sparsity.init` masks from scratch, and exact resume of a sparse
 import json
 import logging
 import os
+from pathlib import Path
 
 import hf_fixtures
 import jax
@@ -117,6 +118,13 @@ def test_export_keeps_the_masks_of_masks_dir_with_exact_zeros(start, from_masks_
         abs=1e-9)
     report = json.loads((hf / "sparsity_report.json").read_text())
     assert report["overall"] == pytest.approx(summary["sparsity"], abs=1e-9)
+    # `launch.export` of the last checkpoint reads the params and the optimizer's masks
+    # alone and writes the same directory (masks/ included: not masks from the zeros, which
+    # would prune the kept exact zero).
+    again = Path(export.export_latest(str(workdir), str(workdir / "hf_again"))["hf_dir"])
+    _, out_again = hf_io.load_hf(again)
+    jax.tree.map(np.testing.assert_array_equal, out_again, out)
+    jax.tree.map(np.testing.assert_array_equal, mask_io.load_masks(again / "masks", out), saved)
 
 
 def test_masks_come_from_the_zeros_without_masks_dir(start, caplog):

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -121,6 +122,51 @@ def _leaf_shapes(tree) -> dict[tuple, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
             if hasattr(leaf, "shape")}
+
+
+def _restore_struct(meta, sh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=sh)
+
+
+def _children(node):
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, list | tuple):
+        return list(enumerate(node))
+    return []
+
+
+def _find_masks(tree, params) -> tuple | None:
+    """The key path of the keep-sparse `masks` in a saved optimizer state's metadata (a dict
+    entry named "masks" with the params' structure), or None for a dense run."""
+    def same(a, b):
+        return jax.tree.structure(a) == jax.tree.structure(b)
+
+    for key, child in _children(tree):
+        if key == "masks" and same(child, params):
+            return (key,)
+        found = _find_masks(child, params)
+        if found is not None:
+            return (key, *found)
+    return None
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _sparse_item(tree, path: tuple, leaf):
+    """`tree`'s containers along `path` only, with `leaf` at its end: the partial-restore
+    target of one subtree (list entries off the path are None)."""
+    if not path:
+        return leaf
+    key, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        return {key: _sparse_item(tree[key], rest, leaf)}
+    return [(_sparse_item(child, rest, leaf) if i == key else None)
+            for i, child in enumerate(tree)]
 
 
 def architecture(config: LlamaConfig) -> dict:
@@ -242,6 +288,47 @@ class Checkpoints:
             state = TrainState(*state)
         return state, (restored["data"] if with_data else None)
 
+    def restore_model_arrays(self, step: int, param_shardings, *, model: LlamaConfig
+                             ) -> tuple[int, dict, dict | None]:
+        """(step, params, keep-sparse masks or None) of `step`, read alone (orbax partial
+        restore), whatever optimizer wrapped them: exporting a run needs neither its moments
+        nor the objective that built its optimizer (SAT, distillation)."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            saved_model = self.saved_model(step)
+            saved = self._manager.item_metadata(step)["state"]
+            saved = saved.tree if hasattr(saved, "tree") else saved
+        except Exception as err:  # unreadable JSON or metadata
+            raise DamagedCheckpointError(step, self.directory, err) from err
+        check_same_model(saved_model, model, where)
+        if not saved or "params" not in saved:
+            raise DamagedCheckpointError(step, self.directory,
+                                         ValueError("no params in the saved state's metadata"))
+        params_sh = param_shardings
+        replicated = jax.tree.leaves(params_sh)[0].mesh
+        replicated = jax.sharding.NamedSharding(replicated, jax.sharding.PartitionSpec())
+        item = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                "params": jax.tree.map(_restore_struct, saved["params"], params_sh)}
+        where_masks = _find_masks(saved["opt_state"], saved["params"])
+        if where_masks is not None:
+            masks_meta = _at(saved["opt_state"], where_masks)
+            mask_sh = jax.tree.map(
+                lambda m, sh: sh if len(m.shape) else replicated, masks_meta, params_sh)
+            item["opt_state"] = _sparse_item(saved["opt_state"], where_masks,
+                                             jax.tree.map(_restore_struct, masks_meta, mask_sh))
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                           dtype=a.dtype), item)
+        state_args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                            partial_restore=True)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args))
+        except Exception as err:
+            raise DamagedCheckpointError(step, self.directory, err) from err
+        got = restored["state"]
+        masks = _at(got["opt_state"], where_masks) if where_masks is not None else None
+        return int(jax.device_get(got["step"])), got["params"], masks
+
     def restore_latest(self, abstract: TrainState, *, model: LlamaConfig,
                        with_data: bool = True) -> tuple[TrainState, Any] | None:
         """Restore the newest intact step: (state, data state or None), or None if none saved.
@@ -252,10 +339,25 @@ class Checkpoints:
         are left where they are). Another model, another optimizer structure or another
         process count raise at once: those are not damage, and an older step would not help.
         """
+        return self._newest_intact(
+            lambda step: self.restore(step, abstract, model=model, with_data=with_data))
+
+    def restore_model_arrays_latest(self, param_shardings, *, model: LlamaConfig
+                                    ) -> tuple[int, dict, dict | None]:
+        """`restore_model_arrays` of the newest intact step (damaged ones skipped as in
+        `restore_latest`); FileNotFoundError when nothing is saved."""
+        found = self._newest_intact(
+            lambda step: self.restore_model_arrays(step, param_shardings, model=model))
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; train first")
+        return found
+
+    def _newest_intact(self, restore):
+        """`restore(step)` of the newest step it reads; see restore_latest."""
         damaged: list[DamagedCheckpointError] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                restored = self.restore(step, abstract, model=model, with_data=with_data)
+                restored = restore(step)
             except DamagedCheckpointError as err:
                 logging.warning("%s; falling back to the previous checkpoint", err)
                 damaged.append(err)

@@ -17,14 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_llama.model import hf_io, sharding
+from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import LlamaConfig, RopeScaling
-from sparse_llama.optim import keep_sparse
-from sparse_llama.optim.factory import make_optimizer
 from sparse_llama.sparsity.report import format_report
 from sparse_llama.sparsity.sparse_export import save_sparse_hf
-from sparse_llama.train import sparse_start
-from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints
 
 
@@ -124,34 +120,43 @@ def _saved_settings(checkpoints: Checkpoints) -> tuple[LlamaConfig, ml_collectio
                      "config: every step is damaged")
 
 
+def _check_exports_the_model(run: ml_collections.ConfigDict, workdir: str) -> None:
+    """ValueError for a workdir whose checkpoints hold adapters, not the model."""
+    objective = run.train.get("objective", "lm")
+    lora_rank = (run.get("finetune") or {}).get("lora_rank", 0)
+    if objective == "soft_prompt" or lora_rank:
+        what = "a soft prompt" if objective == "soft_prompt" else "LoRA adapters"
+        raise ValueError(f"{workdir} trained {what} of a frozen model, not the model: its "
+                         "outputs are written when the run ends (rerun the same training "
+                         "command; it resumes from the newest checkpoint and finishes)")
+
+
 def export_latest(workdir: str, out_dir: str | None = None) -> dict:
     """Export the newest intact checkpoint of `workdir` to `out_dir` (default `<workdir>/hf`).
 
-    A damaged newer step is skipped with a warning naming it (and left in place).
+    Only the params (and the masks of a sparse run) are read back, so any objective's run
+    exports (SAT, distillation) without rebuilding its optimizer. A damaged newer step is
+    skipped with a warning naming it (and left in place).
     """
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         if checkpoints.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
         model, run = _saved_settings(checkpoints)
+        _check_exports_the_model(run, workdir)
         mesh_cfg = {"data": -1, "fsdp": 1, "tensor": 1, "rules": dict(run.mesh.rules)}
         mesh = sharding.make_mesh(mesh_cfg)
         rules = sharding.rules_from_config(mesh_cfg)
-        # The optimizer the run trained with, so the saved state has its structure.
-        optimizer, _ = make_optimizer(run.optimizer, run.train.steps,
-                                      sparse=sparse_start.keeps_mask(run))
-        abstract = state_lib.abstract_state(model, optimizer, mesh, rules,
-                                            param_dtype=jnp.dtype(run.model.param_dtype))
-        state, _ = checkpoints.restore_latest(abstract, model=model, with_data=False)
+        shapes = jax.eval_shape(lambda: llama.init_params(
+            jax.random.key(0), model, jnp.dtype(run.model.param_dtype)))
+        param_sh = sharding.param_shardings(shapes, mesh, rules)
+        step, params, masks = checkpoints.restore_model_arrays_latest(param_sh, model=model)
     finally:
         checkpoints.close()
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         tokenizer_dir = None
     out_dir = out_dir or os.path.join(workdir, "hf")
-    masks = keep_sparse.find_masks(state.opt_state)
-    if masks is None:
-        hf_dir = export_params(state.params, model, out_dir, tokenizer_dir=tokenizer_dir)
-    else:  # a sparse run's export carries its masks and sparsity report, as at its end
-        hf_dir = export_sparse(state.params, masks, model, out_dir, tokenizer_dir=tokenizer_dir)
-    return {"hf_dir": str(hf_dir), "step": int(jax.device_get(state.step))}
+    # A sparse run's export carries its masks and sparsity report, as at its end.
+    hf_dir, _ = export_run(params, masks, model, out_dir, tokenizer_dir=tokenizer_dir)
+    return {"hf_dir": str(hf_dir), "step": step}
