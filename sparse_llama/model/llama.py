@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from sparse_llama.model import layers
+from sparse_llama.model import layers, sharding
 from sparse_llama.model.config import LlamaConfig, rope_inverse_frequencies
 from sparse_llama.model.linear import linear
 from sparse_llama.sparsity.masks import apply_masks
@@ -98,6 +98,9 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
     'down_proj'. Callers that ignore taps pay nothing (XLA drops the unused values).
     """
     dtype = x.dtype
+    # Inside a traced train step every activation is split over the batch devices
+    # (sharding.activation_rows); elsewhere these are no-ops.
+    x = sharding.constrain_rows(x)
     h = layers.rms_norm(x, p["input_layernorm"], config.rms_norm_eps)
     context, wo, new_kv = layers.attention_context(
         p["self_attn"], h, cos, sin, mask, num_heads=config.num_heads,
@@ -106,6 +109,8 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
     x = x + linear(context, wo)
     h2 = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
     act, w_down = layers.mlp_activations(p["mlp"], h2, dtype=dtype, neuron_idx=neuron_idx)
+    act = sharding.constrain_rows(act)
+    context = sharding.constrain_rows(context)
     taps = {"qkv": h, "o_proj": context, "gate_up": h2, "down_proj": act}
     return x + linear(act, w_down), new_kv, taps
 

@@ -6,6 +6,8 @@ A logical axis whose size does not divide by its mesh axes falls back to replica
 test shapes and small models still run on any mesh.
 """
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Mapping
 
@@ -73,7 +75,8 @@ def logical_axes(tree) -> dict:
     """Logical axis names for every leaf of a params-like tree (0-d leaves get ())."""
     def axes(path, leaf):
         name = path_name(path)
-        if np.ndim(leaf) == 0:
+        structured = hasattr(leaf, "logical_axes")  # names its own arrays (model/linear.py)
+        if not structured and np.ndim(leaf) == 0:
             return ()
         base = _LOGICAL.get(name.rsplit("/", 1)[-1])
         if base is None:
@@ -81,10 +84,13 @@ def logical_axes(tree) -> dict:
                              "sparse_llama/model/sharding.py:_LOGICAL")
         if name.startswith("layers/"):
             base = ("layers", *base)
+        if structured:
+            return leaf.logical_axes(base)
         if len(base) != np.ndim(leaf):
             raise ValueError(f"param {name!r} has {np.ndim(leaf)} dims but logical axes {base}")
         return base
-    return jax.tree_util.tree_map_with_path(axes, tree)
+    return jax.tree_util.tree_map_with_path(
+        axes, tree, is_leaf=lambda x: hasattr(x, "logical_axes"))
 
 
 def spec_for(shape, names: tuple[str, ...], rules: Mapping, mesh: Mesh) -> PartitionSpec:
@@ -146,3 +152,29 @@ def batch_sharding(mesh: Mesh, rules: Mapping, ndim: int = 2) -> NamedSharding:
 def shard(tree, shardings):
     """Place a host or device tree onto the given shardings."""
     return jax.tree.map(jax.device_put, tree, shardings)
+
+
+# The layout a traced step asks for its activations (set while a step is traced; None: let
+# the compiler choose, e.g. in eager or single-device code).
+_ROWS = contextvars.ContextVar("sparse_llama_activation_rows", default=None)
+
+
+@contextlib.contextmanager
+def activation_rows(batch_sh: NamedSharding | None):
+    """While tracing under it, `constrain_rows` splits activations' leading (batch) axis as
+    `batch_sh` splits a batch: each device computes its own rows (FSDP / data parallelism),
+    instead of letting XLA partition activations like the weights' embed axis."""
+    token = _ROWS.set(batch_sh)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`x` (batch, ...) constrained to the current `activation_rows` layout (no-op without)."""
+    sh = _ROWS.get()
+    if sh is None:
+        return x
+    spec = PartitionSpec(sh.spec[0], *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sh.mesh, spec))

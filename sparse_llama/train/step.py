@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sparse_llama.model import sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.train import objectives
 from sparse_llama.train.loss import lm_loss
@@ -112,6 +113,10 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     has_inputs = objective.inputs is not None
 
     def train_step(state: TrainState, batch: dict, *maybe_inputs) -> tuple[TrainState, dict]:
+        with sharding.activation_rows(batch_sharding):
+            return _train_step(state, batch, *maybe_inputs)
+
+    def _train_step(state: TrainState, batch: dict, *maybe_inputs):
         inputs = maybe_inputs[0] if maybe_inputs else None
         rng = jax.random.fold_in(state.rng, state.step)
         step_args = objective.prepare(state.params, batch, rng, inputs)
