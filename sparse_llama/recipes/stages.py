@@ -98,7 +98,7 @@ def _first_model_stage(config) -> str | None:
     return None
 
 
-def _skipped(config, name: str) -> bool:
+def skipped(config, name: str) -> bool:
     """A leading dense pretraining stage is skipped when the run starts from a checkpoint."""
     stage = config[name]
     return (bool(config.model.hf_path) and stage.kind == "train" and not stage.sparse
@@ -129,7 +129,7 @@ def check_recipe(config: ml_collections.ConfigDict) -> None:
         if kind not in STAGE_KINDS:
             raise ValueError(f"config.{name}.kind={kind!r} is not a stage kind; use one of "
                              f"{sorted(STAGE_KINDS)}")
-        if _skipped(config, name):
+        if skipped(config, name):
             continue
         stage = config[name]
         if kind in ("train", "soft_prompt"):
@@ -340,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _write_atomic(start, json.dumps(record))
         records.append(record)
     for name in config.stages:
-        if _skipped(config, name):
+        if skipped(config, name):
             logging.warning("stage %s skipped: the run starts from model.hf_path", name)
             continue
         stage_dir = os.path.join(workdir, name)
