@@ -23,6 +23,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.model = blocks.model()
+    # '' dense; 'bitmask' or '2:4': the pruned weights packed for the sparse kernels
+    # (GPU/TPU Pallas kernels, the jnp reference on CPU; docs/kernels.md).
+    config.model.packed = ""
+    # a soft prompt (configs/soft_prompt.py's soft_prompt.safetensors) before every input
+    config.model.soft_prompt = ""
+    # auto: W8A8 when the checkpoint is compressed-tensors int8; w8a8: always (round-to-nearest
+    # scales for a float checkpoint); none: float weights (docs/quantization.md)
+    config.model.quantized = "auto"
     config.mesh = blocks.mesh()
     # Only what eval reads (blocks.data's training keys would be accepted and ignored).
     config.data = ml_collections.ConfigDict({

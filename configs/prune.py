@@ -4,7 +4,8 @@
         --config.model.hf_path=DIR --config.output_dir=OUT [--config.eval.path=wiki.test.txt]
 
 Variants: `configs/prune.py:sparsegpt50` (default), `:sparsegpt24` (2:4), `:sparsegpt70_owl`
-(70% with OWL layer profile), `:wanda50`, `:magnitude50`. Override anything with
+(70% with OWL layer profile), `:wanda50`, `:magnitude50`, `:w8a8` (SparseGPT 50% and W8A8 GPTQ
+with SmoothQuant in one calibration pass; docs/quantization.md). Override anything with
 --config.pruning.sparsity=0.6 etc. Calibration defaults to 128 windows of 2048 tokens, seed 0
 (docs/algorithms.md, "Calibration and the sequential driver"), from the embedded corpus unless
 calibration.path names a text file or a .npy of token ids (num_samples, seq_len). A text with
@@ -27,6 +28,8 @@ VARIANTS = {
     "sparsegpt70_owl": {"method": "sparsegpt", "sparsity": 0.7, "profile": "owl"},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
     "magnitude50": {"method": "magnitude", "sparsity": 0.5},
+    # SparseGPT 50%, then each linear GPTQ-quantized (W8A8, SmoothQuant 0.5) in the same pass
+    "w8a8": {"method": "sparsegpt", "sparsity": 0.5},
 }
 
 
@@ -66,4 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict({"path": "", "seq_len": 2048, "batch_size": 8})
     config.output_dir = ""
     config.save_dtype = ""  # "" keeps the loaded dtype; float32 | bfloat16 | float16
+    if variant == "w8a8":  # sparse_llama/quant/run.py runs it (configs/quantize.py's keys)
+        from configs.quantize import quant_section
+
+        config.quant = quant_section()
+        config.format = "hf"  # hf | compressed-tensors
     return config

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from sparse_llama.data import sources
 from sparse_llama.data.tokenizer import check_vocab, load_tokenizer
 from sparse_llama.eval import perplexity
-from sparse_llama.model import loading, sharding
+from sparse_llama.model import loading, sharding, soft_prompt
 from sparse_llama.model.config import check_context
+from sparse_llama.quant import w8a8
 
 
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
@@ -54,8 +55,9 @@ def eval_tokens(path: str, tokenizer, *, text_field: str = "text") -> np.ndarray
 
 def evaluate_tokens(bundle: loading.ModelBundle, tokenizer, token_ids, seq_len: int, *,
                     batch_size: int, mesh_cfg: ml_collections.ConfigDict, masks=None,
-                    desc: str = "eval") -> perplexity.PerplexityResult:
-    """Cut `token_ids` into windows, shard the model over the mesh, compute its perplexity."""
+                    desc: str = "eval", prompt=None) -> perplexity.PerplexityResult:
+    """Cut `token_ids` into windows, shard the model over the mesh, compute its perplexity
+    (with a soft `prompt` before every window when given)."""
     check_context(seq_len, bundle.config)
     check_vocab(tokenizer, bundle.config.vocab_size)
     windows = perplexity.token_windows(token_ids, seq_len)
@@ -75,18 +77,19 @@ def evaluate_tokens(bundle: loading.ModelBundle, tokenizer, token_ids, seq_len: 
         # Params and batches carry explicit NamedShardings: no ambient mesh is needed.
         return perplexity.evaluate_windows(params, bundle.config, windows,
                                            batch_size=batch_size, masks=masks, mesh=mesh,
-                                           rules=rules, progress=progress)
+                                           rules=rules, progress=progress, prompt=prompt)
     finally:
         bar.close()  # before an error line, which must stay the last line on stderr
 
 
 def evaluate_text(bundle: loading.ModelBundle, tokenizer, text: str, seq_len: int, *,
                   batch_size: int, mesh_cfg: ml_collections.ConfigDict, masks=None,
-                  desc: str = "eval") -> perplexity.PerplexityResult:
+                  desc: str = "eval", prompt=None) -> perplexity.PerplexityResult:
     """Tokenize `text` once (no BOS) and compute the model's perplexity on its windows."""
     check_vocab(tokenizer, bundle.config.vocab_size)  # before tokenizing a long text
     return evaluate_tokens(bundle, tokenizer, tokenizer.encode(text), seq_len,
-                           batch_size=batch_size, mesh_cfg=mesh_cfg, masks=masks, desc=desc)
+                           batch_size=batch_size, mesh_cfg=mesh_cfg, masks=masks, desc=desc,
+                           prompt=prompt)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -95,11 +98,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_context(config.data.seq_len, model)
     tokenizer = load_tokenizer(config.data.tokenizer_path or config.model.hf_path)
     check_vocab(tokenizer, model.vocab_size)  # before any weight is loaded
+    prompt = soft_prompt.from_model_section(config.model, model)
     start = time.time()
     token_ids = eval_tokens(config.data.eval_path, tokenizer, text_field=config.data.text_field)
     bundle = loading.load_model(config.model)
+    scoring = time.time()
     result = evaluate_tokens(bundle, tokenizer, token_ids, config.data.seq_len,
-                             batch_size=config.eval.batch_size, mesh_cfg=config.mesh)
+                             batch_size=config.eval.batch_size, mesh_cfg=config.mesh,
+                             prompt=prompt)
+    scoring = time.time() - scoring  # forward passes only (compile included), for tokens/s
     return {"perplexity": result.perplexity, "tokens": result.tokens, "windows": result.windows,
             "nll": result.nll, "seq_len": config.data.seq_len, "dtype": config.model.dtype,
+            "packed": config.model.get("packed") or None,
+            "quantized": "w8a8" if w8a8.is_quantized(bundle.params) else None,
+            "soft_prompt": config.model.get("soft_prompt") or None,
+            "tokens_per_s": round(result.tokens / max(scoring, 1e-9), 2),
             "seconds": round(time.time() - start, 3)}

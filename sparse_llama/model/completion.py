@@ -14,7 +14,7 @@ import time
 import ml_collections
 
 from sparse_llama.data.tokenizer import check_vocab, load_tokenizer
-from sparse_llama.model import generate, hf_config, loading
+from sparse_llama.model import generate, hf_config, loading, soft_prompt
 
 
 def check_generate_config(config: ml_collections.ConfigDict) -> None:
@@ -77,6 +77,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     model = loading.model_config(config.model)
     tokenizer = load_tokenizer(config.model.hf_path)
     check_vocab(tokenizer, model.vocab_size)
+    soft = soft_prompt.from_model_section(config.model, model)
     prompt = encode_prompt(tokenizer, config.prompt, config.add_bos)
     if not prompt:
         raise ValueError("the prompt is empty after tokenization; pass --config.prompt=TEXT")
@@ -87,9 +88,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     out = generate.generate(bundle.params, bundle.config, prompt,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, top_p=config.top_p,
-                            seed=config.seed, eos_id=stop_ids)
+                            seed=config.seed, eos_id=stop_ids, soft_prompt=soft)
     tokens = [int(t) for t in out]
     seconds = time.time() - start
     return {"text": tokenizer.decode(tokens), "tokens": tokens, "prompt_tokens": len(prompt),
-            "seconds": round(seconds, 3),
+            "packed": config.model.get("packed") or None,
+            "soft_prompt": config.model.get("soft_prompt") or None, "seconds": round(seconds, 3),
             "tokens_per_s": round(len(tokens) / max(seconds, 1e-9), 2)}

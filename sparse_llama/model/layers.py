@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from sparse_llama.model.linear import cast, linear
+from sparse_llama.model.linear import StructuredWeight, cast, linear
 
 _NEG_INF = -1e30  # finite, so fully-masked rows (padding) give uniform weights, never NaN
 
@@ -95,7 +95,8 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
                       head_idx: Int[Array, " n"] | None = None,
                       group_idx: Int[Array, " m"] | None = None,
                       kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
-                      ) -> tuple[Float[Array, "b t c"], Float[Array, "c d"], tuple[Array, Array]]:
+                      ) -> tuple[Float[Array, "b t c"], Float[Array, "c d"] | StructuredWeight,
+                                 tuple[Array, Array]]:
     """Attention up to (not including) the output projection.
 
     Returns the concatenated head outputs (the o_proj input), the o_proj weight restricted to
@@ -144,7 +145,7 @@ def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
 
 def mlp_activations(p: dict, x: Float[Array, "b t d"], *, dtype,
                     neuron_idx: Int[Array, " n"] | None = None
-                    ) -> tuple[Float[Array, "b t f"], Float[Array, "f d"]]:
+                    ) -> tuple[Float[Array, "b t f"], Float[Array, "f d"] | StructuredWeight]:
     """silu(x W_gate) * (x W_up), the down_proj input, and down_proj over the kept channels."""
     w_gate, w_up, w_down = (p[n] for n in ("gate_proj", "up_proj", "down_proj"))
     if neuron_idx is not None:

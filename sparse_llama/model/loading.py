@@ -11,6 +11,10 @@ import ml_collections
 from sparse_llama.model import llama
 from sparse_llama.model.config import DTYPES, REMAT_POLICIES, LlamaConfig, preset
 
+# model.quantized: none (float weights; a quantized checkpoint is dequantized) | auto (W8A8
+# when the checkpoint is compressed-tensors int8) | w8a8 (always; docs/quantization.md)
+QUANTIZED = ("none", "auto", "w8a8")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelBundle:
@@ -36,6 +40,18 @@ def check_model_section(model_cfg: ml_collections.ConfigDict) -> None:
                                     "point it at a Hugging Face Llama checkpoint directory")
     else:
         preset(model_cfg.preset)  # raises with the list of presets
+    if model_cfg.get("packed"):
+        from sparse_llama.kernels import serving
+
+        serving.check_packed_option(model_cfg.packed)
+    quantized = model_cfg.get("quantized", "none")
+    if quantized not in QUANTIZED:
+        raise ValueError(f"model.quantized={quantized!r} is not one of {QUANTIZED} (auto: what "
+                         "the checkpoint's quantization_config says)")
+    # auto only quantizes an int8 checkpoint; serving.pack_params refuses that one at load time
+    if quantized == "w8a8" and model_cfg.get("packed"):
+        raise ValueError("model.packed and model.quantized: the packed sparse kernels take "
+                         "float weights; set model.quantized=none, or leave model.packed empty")
 
 
 def require_hf_path(model_cfg: ml_collections.ConfigDict) -> None:
@@ -84,10 +100,44 @@ def load_model(model_cfg: ml_collections.ConfigDict, *, key: jax.Array | None = 
     config = model_config(model_cfg, vocab_size=vocab_size)
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     if model_cfg.hf_path:
-        from sparse_llama.model import hf_io
-
-        _, params = hf_io.load_hf(model_cfg.hf_path, param_dtype=param_dtype)
+        params, scales = _load_weights(model_cfg.hf_path, param_dtype)
+        params = _quantized(params, scales, model_cfg)
         has_tok = os.path.exists(os.path.join(model_cfg.hf_path, "tokenizer.json"))
-        return ModelBundle(config, params, model_cfg.hf_path if has_tok else None)
+        return ModelBundle(config, _packed(params, model_cfg),
+                           model_cfg.hf_path if has_tok else None)
     key = jax.random.key(0) if key is None else key
-    return ModelBundle(config, llama.init_params(key, config, param_dtype), None)
+    return ModelBundle(config, _packed(llama.init_params(key, config, param_dtype), model_cfg),
+                       None)
+
+
+def _load_weights(path: str, param_dtype) -> tuple[dict, dict | None]:
+    """(params, int8 scales or None): a compressed-tensors checkpoint comes back dequantized."""
+    from sparse_llama.quant import compressed_tensors
+
+    if compressed_tensors.is_compressed_tensors(path):
+        _, params, scales = compressed_tensors.load_compressed(path, param_dtype=param_dtype)
+        return jax.tree.map(jnp.asarray, params), scales
+    from sparse_llama.model import hf_io
+
+    return hf_io.load_hf(path, param_dtype=param_dtype)[1], None
+
+
+def _quantized(params: dict, scales: dict | None, model_cfg: ml_collections.ConfigDict) -> dict:
+    """`model.quantized` (eval, generate): w8a8 gives the W8A8 weights, on the checkpoint's
+    own scales when it has them (round-to-nearest otherwise); auto does so only for a
+    quantized checkpoint; none (the default) keeps float weights."""
+    mode = model_cfg.get("quantized", "none")
+    if mode == "none" or (mode == "auto" and scales is None):
+        return params
+    from sparse_llama.quant import w8a8
+
+    return w8a8.quantize_params(params, scales)
+
+
+def _packed(params: dict, model_cfg: ml_collections.ConfigDict) -> dict:
+    """`model.packed` (serving): the prunable weights packed for the sparse kernels."""
+    if not model_cfg.get("packed"):
+        return params
+    from sparse_llama.kernels import serving
+
+    return serving.pack_params(params, model_cfg.packed)

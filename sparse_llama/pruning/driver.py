@@ -85,7 +85,26 @@ def _module_set(block: dict, name: str, value) -> dict:
 _STATS = {
     "gram": (hessian.init, hessian.accumulate, hessian.finalize),
     "sqnorm": (hessian.init_sq_norms, hessian.accumulate_sq_norms, hessian.finalize_sq_norms),
+    "absmax": (hessian.init_absmax, hessian.accumulate_absmax, hessian.finalize_absmax),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPass:
+    """A calibration pass that treats the linears otherwise than `PruneSpec.method` does
+    (quantization, with or without pruning in the same pass; sparse_llama/quant/calibrate.py).
+
+    stat: the statistic `solve` gets of each linear's input ('gram', 'sqnorm' or None).
+    solve(block, name, w (in, out), stat, sparsity, mask (in, out) or 0-d) -> (w, mask):
+      called for every targeted linear, whatever its sparsity.
+    prepare(block, params of the block, stats) -> params of the block: runs before the
+      block's statistics; `stats(groups, kind)` gives that statistic of the tapped inputs
+      (SmoothQuant's activation maxima).
+    """
+
+    stat: str | None
+    solve: Callable
+    prepare: Callable | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "kind"))
@@ -199,18 +218,20 @@ def owl_outlier_ratios(params: dict, config: LlamaConfig, windows: np.ndarray, *
 
 def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: PruneSpec, *,
                 masks: dict | None = None, mesh: Mesh | None = None, rules=None,
-                progress: Callable | None = None) -> tuple[dict, dict]:
+                progress: Callable | None = None,
+                linear_pass: LinearPass | None = None) -> tuple[dict, dict]:
     """Prune every targeted linear of every block; returns (pruned params, masks).
 
     windows: (num_samples, seq_len) calibration token ids. masks: existing masks (params'
     structure) to extend: what they pruned stays pruned. The returned masks have the params'
     structure (0-d True for untargeted leaves), and pruned entries are exact zeros.
+    linear_pass: solve the linears with its `solve` (and `prepare` each block) instead.
     """
     if len(spec.layer_sparsity) != config.num_layers:
         raise ValueError(f"{len(spec.layer_sparsity)} layer sparsities for a model with "
                          f"{config.num_layers} layers")
     masks = dense_masks(params) if masks is None else masks
-    kind = METHOD_STATS[spec.method]
+    kind = METHOD_STATS[spec.method] if linear_pass is None else linear_pass.stat
     overrides = dict(spec.module_sparsity)
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
     acts = _Activations(_embed_windows(params, windows, config, spec.batch_size), mesh, rules)
@@ -218,17 +239,24 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
         acts.check_finite(i)
         p = llama.layer_params(params, i)
         layer_masks = llama.layer_params(masks, i)
+        if linear_pass is not None and linear_pass.prepare is not None:
+            p = linear_pass.prepare(i, p, functools.partial(acts.stats, p, config))
         for stage in stages:
             stats = acts.stats(p, config, stage, kind) if kind else {}
             for g in stage:
                 for name in GROUPS[g]:
                     s = profiles.module_sparsity(spec.layer_sparsity[i], name, overrides)
-                    if s == 0.0 and (spec.n, spec.m) == (0, 0):
+                    if s == 0.0 and (spec.n, spec.m) == (0, 0) and linear_pass is None:
                         continue
                     try:
-                        new_w, new_mask = _prune_one(
-                            spec.method, _module_get(p, name), stats.get(g), sparsity=s,
-                            spec=spec, mask_in_out=_module_get(layer_masks, name))
+                        if linear_pass is not None:
+                            new_w, new_mask = linear_pass.solve(
+                                i, name, _module_get(p, name), stats.get(g), s,
+                                _module_get(layer_masks, name))
+                        else:
+                            new_w, new_mask = _prune_one(
+                                spec.method, _module_get(p, name), stats.get(g), sparsity=s,
+                                spec=spec, mask_in_out=_module_get(layer_masks, name))
                     except NonFiniteError as err:  # the solver cannot know where it runs
                         raise NonFiniteError(f"block {i} {_tensor_name(i, name)}: {err}"
                                              ) from None

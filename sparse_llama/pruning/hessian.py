@@ -5,6 +5,7 @@
   that it never depends on how the sequences were batched.
 - Squared input-feature norms for Wanda ("Wanda"): sq_j = sum over all tokens of x_j^2, i.e.
   ||X_j||_2^2; `wanda.prune_layer` takes this and the square root itself.
+- Per-feature maxima max_k |x_j| for SmoothQuant (docs/quantization.md, "SmoothQuant").
 
 Both are pure functions of (state, x_btd) -> state, so they can run inside a jitted forward
 (one state per hooked linear). States are NamedTuples of arrays, i.e. pytrees.
@@ -63,3 +64,22 @@ def accumulate_sq_norms(state: SqNormState, x_btd: Float[Array, "b t d"]) -> SqN
 def finalize_sq_norms(state: SqNormState) -> Float[Array, " d"]:
     """(d,) ||X_j||_2^2 over all calibration tokens: the second argument of wanda.prune_layer."""
     return state.sq_norms
+
+
+class AbsMaxState(NamedTuple):
+    absmax: Float[Array, " d"]  # max over tokens of |x_j|
+
+
+def init_absmax(d: int) -> AbsMaxState:
+    return AbsMaxState(jnp.zeros((d,), jnp.float32))
+
+
+def accumulate_absmax(state: AbsMaxState, x_btd: Float[Array, "b t d"]) -> AbsMaxState:
+    """Fold in the batch's max |x_j| per input feature (SmoothQuant's activation statistic)."""
+    return AbsMaxState(jnp.maximum(state.absmax,
+                                   jnp.max(jnp.abs(x_btd.astype(jnp.float32)), axis=(0, 1))))
+
+
+def finalize_absmax(state: AbsMaxState) -> Float[Array, " d"]:
+    """(d,) max over all calibration tokens of |x_j|."""
+    return state.absmax

@@ -56,6 +56,11 @@ def check_prune_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"pruning.dampening={p.dampening} must be positive (default 0.01)")
     for key, value in dict(p.module_sparsity).items():
         profiles.check_sparsity(float(value), f"pruning.module_sparsity.{key}")
+    check_calibration_and_outputs(config)
+
+
+def check_calibration_and_outputs(config: ml_collections.ConfigDict) -> None:
+    """The calibration, eval and output_dir sections (launch.prune and launch.quantize)."""
     c = config.calibration
     if c.path and not os.path.isfile(c.path):
         raise FileNotFoundError(f"calibration.path={c.path!r} is not a file (a text file or a "
@@ -113,18 +118,12 @@ def check_against_model(config: ml_collections.ConfigDict) -> None:
         check_context(seq_len, model, key)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Prune `model` as `config` says and write `output_dir`; returns the summary dict.
-
-    Summary keys: sparsity, seconds, prune_seconds, perplexity_before, perplexity_after (None
-    without eval.path, or when not finite), method, output_dir.
+def load_inputs(config: ml_collections.ConfigDict):
+    """(calibration windows, the model bundle, `perplexity(params, desc)`): the calibration
+    first, from config.json and the tokenizer alone, so a bad calibration text is refused
+    before the weights (140 GB for a 70B) are read. `perplexity` gives None without eval.path.
     """
-    check_prune_config(config)
-    check_against_model(config)
-    start = time.time()
     model_cfg = config.model
-    # Calibration first, from config.json and the tokenizer alone: a bad calibration text is
-    # refused before the weights (140 GB for a 70B) are read.
     model = loading.model_config(model_cfg)
     tokenizer_dir = (model_cfg.hf_path if model_cfg.hf_path and os.path.isfile(
         os.path.join(model_cfg.hf_path, "tokenizer.json")) else None)
@@ -149,16 +148,39 @@ def run(config: ml_collections.ConfigDict) -> dict:
                                       batch_size=config.eval.batch_size, mesh_cfg=config.mesh,
                                       desc=desc).perplexity
 
+    return windows, bundle, perplexity
+
+
+def prune_spec(config: ml_collections.ConfigDict, sparsities) -> driver.PruneSpec:
+    """The driver's PruneSpec of the `pruning` section, with per-layer sparsities."""
+    p = config.pruning
+    return driver.PruneSpec(
+        method=p.method, layer_sparsity=tuple(float(s) for s in sparsities), n=p.n, m=p.m,
+        block_size=p.block_size, dampening=p.dampening,
+        module_sparsity=tuple(sorted((k, float(v)) for k, v in dict(p.module_sparsity).items())),
+        true_sequential=p.true_sequential, batch_size=config.calibration.batch_size)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Prune `model` as `config` says and write `output_dir`; returns the summary dict.
+
+    Summary keys: sparsity, seconds, prune_seconds, perplexity_before, perplexity_after (None
+    without eval.path, or when not finite), method, output_dir.
+    """
+    if "quant" in config:  # configs/prune.py:w8a8: prune and quantize in one pass
+        from sparse_llama.quant import run as quant_run
+
+        return quant_run.run(config)
+    check_prune_config(config)
+    check_against_model(config)
+    start = time.time()
+    windows, bundle, perplexity = load_inputs(config)
     ppl_before = perplexity(bundle.params, "eval (dense)")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     sparsities = layer_sparsities(config, bundle, windows, mesh, rules)
     p = config.pruning
-    spec = driver.PruneSpec(
-        method=p.method, layer_sparsity=tuple(float(s) for s in sparsities), n=p.n, m=p.m,
-        block_size=p.block_size, dampening=p.dampening,
-        module_sparsity=tuple(sorted((k, float(v)) for k, v in dict(p.module_sparsity).items())),
-        true_sequential=p.true_sequential, batch_size=c.batch_size)
+    spec = prune_spec(config, sparsities)
     existing = masks_lib.masks_from_zeros(bundle.params) if p.keep_zeros else None
     prune_start = time.time()
     with tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer") as bar:

@@ -126,10 +126,30 @@ def _sub_size(block: int, m: int) -> int:
                if block % s == 0 and s <= max(_SUB, unit))
 
 
-def _columns(ws, us, kp, ks, grid, *, pattern, n, m):
+def _column_grid(grid: QuantGrid, j: int) -> QuantGrid:
+    """Column j's grid from per-column grids (scale, zero: (S, out)): GPTQ's group grids."""
+    return QuantGrid(grid.scale[j][:, None], grid.zero[j][:, None], grid.qmin, grid.qmax)
+
+
+def _group_grids(w1, bits: int, sym: bool, group: int):
+    """Grids of the column groups of a block w1 (block, out), from its values at the block's
+    start (GPTQ's `find_params(W[:, i:i + groupsize])`): per-column grids (block, out) and the
+    groups' (scale, zero), each (block // group, out)."""
+    size, rows = w1.shape
+    ng = size // group
+    g = minmax_grid(jnp.transpose(w1.reshape(ng, group, rows), (0, 2, 1)).reshape(-1, group),
+                    bits, sym)
+    scale, zero = g.scale.reshape(ng, rows), g.zero.reshape(ng, rows)
+    per_col = QuantGrid(jnp.repeat(scale, group, axis=0), jnp.repeat(zero, group, axis=0),
+                        g.qmin, g.qmax)
+    return per_col, scale, zero
+
+
+def _columns(ws, us, kp, ks, grid, *, pattern, n, m, col_grid=None):
     """The per-column OBS steps of one sub-block, unrolled. ws, kp, ks: (S, out); us: (S, S).
 
-    kp: the selection so far (True = kept); ks: the mask being extended (or None)."""
+    kp: the selection so far (True = kept); ks: the mask being extended (or None).
+    col_grid: per-column grids (scale, zero: (S, out)) instead of the one per-row `grid`."""
     size = ws.shape[0]
     d = jnp.diagonal(us)
     errs = []
@@ -140,7 +160,8 @@ def _columns(ws, us, kp, ks, grid, *, pattern, n, m):
             scores = (ws[j:j + m] / d[j:j + m, None]) ** 2
             kp = kp.at[j:j + m].set(mask_smallest_nm(scores, n, m, mask=kp[j:j + m], axis=0))
         wj = ws[j]
-        qj = wj if grid is None else fake_quantize(wj[:, None], grid)[:, 0]
+        gj = grid if col_grid is None else _column_grid(col_grid, j)
+        qj = wj if gj is None else fake_quantize(wj[:, None], gj)[:, 0]
         qj = jnp.where(kp[j], qj, 0.0)
         ej = (wj - qj) / d[j]
         if j + 1 < size:
@@ -151,9 +172,14 @@ def _columns(ws, us, kp, ks, grid, *, pattern, n, m):
     return ws, kp, jnp.stack(errs)
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "n", "m", "block", "bits", "sym"))
-def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits, sym):
-    """Returns (weight (out, in) float32, keep mask (out, in), grid or None)."""
+@functools.partial(jax.jit,
+                   static_argnames=("pattern", "n", "m", "block", "bits", "sym", "group"))
+def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits, sym, group=0):
+    """Returns (weight (out, in) float32, keep mask (out, in), grid or None).
+
+    group > 0 (it divides `block`): one grid per row and group of `group` input columns, set
+    from the group's weights at the start of its block; the returned grid's scale and zero
+    are then (out, in / group)."""
     with jax.default_matmul_precision("float32"):
         rows, cols = weight.shape
         nb = -(-cols // block)
@@ -163,7 +189,10 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
         w = jnp.where(dead[None, :], 0.0, weight.astype(jnp.float32))
         if keep is not None:
             w = jnp.where(keep, w, 0.0)
-        grid = None if bits is None else minmax_grid(w, bits, sym)
+        grid = None if bits is None or group else minmax_grid(w, bits, sym)
+        grouped = bits is not None and group > 0
+        # Group grids of every (padded) column group, filled block by block.
+        groups = jnp.ones((cp // group if grouped else 0, rows), jnp.float32)
         wt = jnp.pad(w.T, ((0, cp - cols), (0, 0)))
         keep_t = None if keep is None else jnp.pad(keep.T, ((0, cp - cols), (0, 0)),
                                                    constant_values=True)
@@ -175,9 +204,14 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
             is_pad = (jnp.arange(cp) >= cols)[:, None]
 
         def block_step(b, carry):
-            wt, kept = carry
+            wt, kept, g_scale, g_zero = carry
             start = b * block
             w1 = lax.dynamic_slice_in_dim(wt, start, block)
+            col_grid = None
+            if grouped:
+                col_grid, scale1, zero1 = _group_grids(w1, bits, sym, group)
+                g_scale = lax.dynamic_update_slice_in_dim(g_scale, scale1, start // group, 0)
+                g_zero = lax.dynamic_update_slice_in_dim(g_zero, zero1, start // group, 0)
             u1 = lax.dynamic_slice(up, (start, start), (block, block))
             k1 = None if keep_t is None else lax.dynamic_slice_in_dim(keep_t, start, block)
             kp1 = lax.dynamic_slice_in_dim(kept, start, block)
@@ -196,7 +230,10 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
                            lax.dynamic_slice(u1, (off, off), (sub, sub)))
                 kps = lax.dynamic_slice_in_dim(kp1, off, sub)
                 ks = None if k1 is None else lax.dynamic_slice_in_dim(k1, off, sub)
-                ws, kps, es = _columns(ws, us_, kps, ks, grid, pattern=pattern, n=n, m=m)
+                cg = None if col_grid is None else jax.tree.map(
+                    lambda a: lax.dynamic_slice_in_dim(a, off, sub) if a.ndim else a, col_grid)
+                ws, kps, es = _columns(ws, us_, kps, ks, grid, pattern=pattern, n=n, m=m,
+                                       col_grid=cg)
                 w1 = lax.dynamic_update_slice_in_dim(w1, ws, off, 0)
                 kp1 = lax.dynamic_update_slice_in_dim(kp1, kps, off, 0)
                 e1 = lax.dynamic_update_slice_in_dim(e1, es, off, 0)
@@ -218,11 +255,17 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
                     wt, lax.dynamic_slice_in_dim(wt, c * block, block) - upd, c * block, 0)
 
             wt = lax.fori_loop(b + 1, nb, lazy_step, wt)
-            return wt, kept
+            return wt, kept, g_scale, g_zero
 
-        wt, kept = lax.fori_loop(0, nb, block_step, (wt, kept))
+        wt, kept, g_scale, g_zero = lax.fori_loop(0, nb, block_step,
+                                                  (wt, kept, groups, jnp.zeros_like(groups)))
         kept = kept[:cols].T
         w_out = jnp.where(kept, wt[:cols].T, 0.0)
+        if grouped:
+            ng = cols // group
+            qmax = float(2 ** (bits - 1) - 1) if sym else float(2**bits - 1)
+            grid = QuantGrid(g_scale[:ng].T, g_zero[:ng].T,
+                             jnp.float32(-qmax if sym else 0.0), jnp.float32(qmax))
     return w_out, kept, grid
 
 
@@ -246,7 +289,8 @@ def _damped_factor(hessian, dampening: float):
     return jnp.eye(hessian.shape[0], dtype=jnp.float32), dead
 
 
-def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, mask, bits, sym):
+def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, mask, bits, sym,
+           group=0):
     check_pattern(tuple(weight.shape), sparsity, n, m, None if mask is None else mask.shape,
                   block_size)
     check_mask_dtype(mask)
@@ -259,6 +303,10 @@ def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, m
         raise ValueError(f"dampening={dampening}: pass a non-negative fraction of mean(diag H)")
     if bits is not None and not 2 <= bits <= 16:
         raise ValueError(f"quant bits={bits}: pass an integer width in [2, 16] (e.g. 4 or 8)")
+    if group and (cols % group or (block_size % group and group % block_size)):
+        raise ValueError(f"group_size={group} must divide the layer's {cols} inputs and divide "
+                         f"or be a multiple of block_size={block_size}")
+    block_size = max(block_size, group)  # a group spans whole blocks: same updates, one grid
     weight = jnp.asarray(weight)
     check_finite(weight, "the weight")
     check_finite(hessian, "the Hessian of its inputs")
@@ -270,7 +318,8 @@ def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, m
     # float32 before the jit boundary: one compile per shape whatever the weight's dtype.
     w, kept, grid = _sweep(weight.astype(jnp.float32), u, dead,
                            None if mask is None else jnp.asarray(mask), k_full, k_tail,
-                           pattern=pattern, n=n, m=m, block=block_size, bits=bits, sym=sym)
+                           pattern=pattern, n=n, m=m, block=block_size, bits=bits, sym=sym,
+                           group=group)
     return w.astype(weight.dtype), kept, grid
 
 
@@ -306,17 +355,20 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
 def quantize_layer(weight: Float[Array | np.ndarray, "out in"],
                    hessian: Float[Array | np.ndarray, "..."], *, bits: int, sym: bool = False,
                    block_size: int = 128, dampening: float = 0.01,
-                   mask: Bool[Array | np.ndarray, "..."] | None = None
+                   mask: Bool[Array | np.ndarray, "..."] | None = None, group_size: int = 0
                    ) -> tuple[Float[Array, "out in"], QuantGrid]:
     """GPTQ: quantize one linear layer with error compensation (`docs/algorithms.md`, "GPTQ").
 
     Returns (dequantized weight in the input dtype, the per-row grid: codes are
     `quantize.quantize(w, grid)`). With `mask` (a sparse model), masked entries stay exactly
-    0 and the error propagation is multiplied by the mask. Other arguments as `prune_layer`.
+    0 and the error propagation is multiplied by the mask. group_size > 0: one grid per row
+    and group of consecutive inputs (it must divide the inputs, and divide or be a multiple
+    of block_size), set when the sweep reaches the group's block (GPTQ's reference), and the
+    grid's scale and zero are (out, in / group_size). Other arguments as `prune_layer`.
     """
     if bits is None:
         raise ValueError("bits=None: pass the quantization width, e.g. bits=4")
     w, _, grid = _solve(weight, hessian, pattern="none", sparsity=0.0, n=0, m=0,
                         block_size=block_size, dampening=dampening, mask=mask, bits=bits,
-                        sym=sym)
+                        sym=sym, group=group_size)
     return w, grid
