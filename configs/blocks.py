@@ -17,6 +17,9 @@ def model(preset: str = "tiny", hf_path: str | None = None) -> ml_collections.Co
         "param_dtype": "float32",  # storage dtype of the params (master weights in training)
         "scan_layers": -1,  # -1: the preset's default; 0 / 1 to force the loop or lax.scan
         "remat": "",  # "": the preset's default; none | full | dots | dots_no_batch
+        # "": xla (our softmax attention) | jax (jax.nn.dot_product_attention: cuDNN flash on
+        # GPU where it applies, XLA elsewhere)
+        "attention": "",
     })
 
 

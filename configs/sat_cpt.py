@@ -15,8 +15,9 @@ each rung compiles its own step once (logged). Evaluation is dense. Keys `train.
 
 Variants: `tiny` (default: preset tiny from scratch, or `--config.model.hf_path=` a small HF
 dir; 300 steps of 16 x 128 tokens, about a minute on a 2-core CPU) and `m25` (1000 steps of
-32 x 256). Expected result: docs/sat.md's table (within a few percent of the dense run's
-validation perplexity at mlp_rate 0.5). The last stdout line is configs/dense.py's
+32 x 256). Measured (docs/sat.md, "Quality"): on the tiny model continued from prose onto
+code, mlp_rate 0.5 with the ladder ends ~11% above the dense run's validation perplexity for
+the same steps (the issue's 3% target is not met at this scale). The last stdout line is configs/dense.py's
 {"step", "loss", "eval_perplexity" (dense), "tokens_per_s", "workdir", "hf_dir"};
 metrics.jsonl logs `sat_mlp_rate` / `sat_head_rate` of every step.
 """

@@ -1,7 +1,7 @@
 """Llama architecture configuration and the named presets.
 
 `LlamaConfig` is a frozen dataclass: hashable, so it can be a static argument of `jax.jit`.
-Execution switches (`scan_layers`, `remat`, `dtype`) live here too because they change how the
+Execution switches (`scan_layers`, `remat`, `dtype`, `attention`) live here too because they change how the
 forward is traced, not what it computes.
 """
 
@@ -10,6 +10,10 @@ import math
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "xla": the project's own softmax attention (layers.dot_product_attention); "jax":
+# jax.nn.dot_product_attention, which takes cuDNN's fused flash kernel on GPUs where the
+# inputs allow it and XLA elsewhere (model/layers.py).
+ATTENTION_IMPLEMENTATIONS = ("xla", "jax")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -44,6 +48,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype; params are cast to it at use
     scan_layers: bool = False  # lax.scan over the stacked layer axis instead of a Python loop
     remat: str = "none"  # rematerialisation policy of each block, see REMAT_POLICIES
+    attention: str = "xla"  # attention implementation, see ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self):
         problems = []
@@ -63,6 +68,9 @@ class LlamaConfig:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                            f"{self.attention!r}")
         if self.rope_scaling is not None and self.rope_scaling.kind not in ("llama3", "linear"):
             problems.append(f"rope_scaling kind {self.rope_scaling.kind!r} is not supported "
                             "(supported: 'llama3', 'linear')")

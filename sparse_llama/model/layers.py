@@ -84,6 +84,23 @@ def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, e)
 
 
+def jax_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"],
+                  v: Float[Array, "b s k e"], mask: Bool[Array, "b t s"],
+                  kv_head_of_q: Int[Array, " h"] | None = None) -> Float[Array, "b t h e"]:
+    """`dot_product_attention` through `jax.nn.dot_product_attention` (the same mask, GQA by
+    its head groups); its implementation is JAX's choice (cuDNN flash on a GPU that supports
+    the inputs, XLA otherwise). Rows with no key (padding) may differ: they are never
+    counted."""
+    if kv_head_of_q is not None:
+        k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                       mask=mask[:, None])
+    return out.astype(v.dtype)
+
+
+ATTENTION = {"xla": dot_product_attention, "jax": jax_attention}
+
+
 def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]:
     """Column indices of the projection outputs that belong to the given heads."""
     return (head_idx[:, None] * head_dim + jnp.arange(head_dim)[None, :]).reshape(-1)
@@ -95,6 +112,7 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
                       head_idx: Int[Array, " n"] | None = None,
                       group_idx: Int[Array, " m"] | None = None,
                       kv: Callable[[Array, Array], tuple[Array, Array]] | None = None,
+                      attention: str = "xla",
                       ) -> tuple[Float[Array, "b t c"], Float[Array, "c d"] | StructuredWeight,
                                  tuple[Array, Array]]:
     """Attention up to (not including) the output projection.
@@ -106,7 +124,8 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
     `head_idx` restricts the computation to those query heads (q and o projections gathered).
     `group_idx` (instead of head_idx) restricts it to whole KV groups: those k/v heads and all
     their query heads, so k and v are computed only for the kept groups (SAT under GQA). With
-    `kv` (a cache) use neither: the cache holds every kv head.
+    `kv` (a cache) use neither: the cache holds every kv head. `attention` names the
+    implementation (`ATTENTION`; LlamaConfig.attention).
     """
     b, t, _ = x.shape
     # Gather first, then cast: a bf16 step over f32 master weights casts only what it uses.
@@ -131,7 +150,7 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
     v = linear(x, wv).reshape(b, t, n_kv, head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = kv(k, v) if kv is not None else (k, v)
-    out = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
+    out = ATTENTION[attention](q, k_all.astype(dtype), v_all.astype(dtype), mask, kv_head_of_q)
     return out.reshape(b, t, n_q * head_dim), wo, (k_all, v_all)
 
 

@@ -105,7 +105,7 @@ def block_with_taps(p: dict, x: Float[Array, "b t d"], cos, sin, mask, config: L
     context, wo, new_kv = layers.attention_context(
         p["self_attn"], h, cos, sin, mask, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.dim_per_head, dtype=dtype,
-        head_idx=head_idx, group_idx=group_idx, kv=kv)
+        head_idx=head_idx, group_idx=group_idx, kv=kv, attention=config.attention)
     x = x + linear(context, wo)
     h2 = layers.rms_norm(x, p["post_attention_layernorm"], config.rms_norm_eps)
     act, w_down = layers.mlp_activations(p["mlp"], h2, dtype=dtype, neuron_idx=neuron_idx)

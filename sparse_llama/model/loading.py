@@ -68,6 +68,8 @@ def apply_overrides(config: LlamaConfig, model_cfg: ml_collections.ConfigDict) -
         changes["scan_layers"] = bool(model_cfg.scan_layers)
     if model_cfg.remat:
         changes["remat"] = model_cfg.remat
+    if model_cfg.get("attention"):
+        changes["attention"] = model_cfg.attention
     return config.replace(**changes)
 
 

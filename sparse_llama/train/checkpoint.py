@@ -36,7 +36,7 @@ from sparse_llama.model.config import LlamaConfig
 from sparse_llama.train.state import TrainState
 
 # LlamaConfig fields that change how the model runs, not what it is: may differ on resume.
-EXECUTION_FIELDS = ("dtype", "scan_layers", "remat")
+EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention")
 # Replicated arrays smaller than this are written whole by one replica. Orbax's default splits
 # every replicated array across its replicas, which compiles one slicing program per shape:
 # seconds of compile on the first save of a small model for no gain.
