@@ -1,0 +1,9 @@
+"""Quantize a (sparse) model directory (configs/quantize.py says how)."""
+
+from sparse_llama import launching
+from sparse_llama.quant import run
+
+_CONFIG = launching.define_config("configs/quantize.py")
+
+if __name__ == "__main__":
+    launching.run_command(_CONFIG, run.run)

@@ -1,0 +1,184 @@
+"""The 2:4 format: at most two kept weights in every group of four consecutive inputs.
+
+For a weight W (..., K, N) stored (in, out) (groups run along the reduction axis K, as the
+pruning masks have them), G = K / 4 groups, padded to a multiple of `2 * block_g` and N to a
+multiple of 128:
+
+    values  (..., 2, G_pad, N_pad)   values[0] / values[1]: the first / second kept weight of
+                                     each group (rows x cols/2 values in all)
+    meta    uint8 (..., G_pad / 2, N_pad)
+                                     per group a 4-bit code i0 | i1 << 2 (the in-group
+                                     positions of the two values, i0 < i1); group h sits in
+                                     the low nibble of meta[h], group h + G_pad / 2 in the
+                                     high nibble: 2 bits per kept weight
+
+Splitting the groups in two halves (instead of packing neighbours) lets a kernel read the two
+nibbles of one meta tile as two contiguous group ranges: no interleaving in the kernel. A
+kernel contracts x[:, 4g + j] with the plane W_j[g] = (i0 == j) v0 + (i1 == j) v1, so x is
+read as four strided planes (`x_planes`).
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+_N_ALIGN = 128
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TwoFourWeight:
+    """A packed 2:4 (..., K, N) weight; the linear.py structured-weight protocol."""
+
+    values: Any  # an array; Any: jax rebuilds pytrees with other leaves
+    meta: Any  # an array; Any: jax rebuilds pytrees with other leaves
+    shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
+    block_g: int = dataclasses.field(metadata={"static": True})
+
+    format = "2:4"
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.meta.nbytes)
+
+    def astype(self, dtype) -> "TwoFourWeight":
+        return dataclasses.replace(self, values=self.values.astype(dtype))
+
+    def matmul(self, x):
+        from sparse_llama.kernels import ops
+
+        return ops.matmul(x, self)
+
+    def logical_axes(self, base: tuple[str, ...]) -> "TwoFourWeight":
+        """See BitmaskWeight.logical_axes: the output axis keeps its name."""
+        lead, out = tuple(base[:-2]), base[-1]
+        return dataclasses.replace(self, values=(*lead, "packed_planes", "packed_groups", out),
+                                   meta=(*lead, "packed_groups", out))
+
+
+@functools.partial(jax.jit, static_argnames="block_g")
+def _groups(a: jax.Array, block_g: int) -> jax.Array:
+    """(..., K, N) -> (..., G_pad, 4, N_pad), zero-padded."""
+    *lead, k, n = a.shape
+    g = k // 4
+    gp = -(-g // (2 * block_g)) * 2 * block_g
+    np_ = -(-n // _N_ALIGN) * _N_ALIGN
+    a = a.reshape(*lead, g, 4, n)
+    return jnp.pad(a, [(0, 0)] * len(lead) + [(0, gp - g), (0, 0), (0, np_ - n)])
+
+
+def _positions(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """In-group positions (i0 < i1) of the kept entries; groups with fewer than two kept
+    entries are completed with their first unkept positions (whose values are zero)."""
+    order = jnp.argsort(jnp.where(kept, 0, 4) + jnp.arange(4)[:, None], axis=-2, stable=True)
+    first, second = order[..., 0, :], order[..., 1, :]
+    return jnp.minimum(first, second), jnp.maximum(first, second)
+
+
+def pack_two_four(w: Float[Array, "*l k n"], *, mask=None, block_g: int = 128) -> TwoFourWeight:
+    """Pack a 2:4 weight (default mask: its nonzeros). A weight that is not 2:4 is an error."""
+    w = jnp.asarray(w)
+    k = w.shape[-2]
+    if k % 4:
+        raise ValueError(f"a 2:4 pack needs the input dim to be a multiple of 4, got {k}")
+    if block_g % 32:
+        raise ValueError(f"block_g must be a multiple of 32 (uint8 tile rows), got {block_g}")
+    mask = w != 0 if mask is None else jnp.asarray(mask, bool)
+    if mask.shape != w.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the weight's {w.shape}")
+    values, meta, over = _pack_arrays(w, mask, block_g)
+    if int(over):
+        raise ValueError(f"weight is not 2:4: {int(over)} groups of four inputs keep more than "
+                         "two entries; prune it with the 2:4 pattern (groups along the in axis) "
+                         "or pack it as 'bitmask'")
+    return TwoFourWeight(values=values, meta=meta, shape=w.shape[-2:], block_g=block_g)
+
+
+@functools.partial(jax.jit, static_argnames="block_g")
+def _pack_arrays(w: jax.Array, mask: jax.Array, block_g: int):
+    """(values, meta, number of groups keeping more than two entries)."""
+    kept = _groups(mask, block_g)
+    over = jnp.sum(jnp.sum(kept, axis=-2) > 2)
+    values, meta = _pack_groups(_groups(jnp.where(mask, w, 0), block_g), kept)
+    return values, meta, over
+
+
+def _pack_groups(wg: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Grouped weight and mask (..., G, 4, N) -> (values, meta) (layout: module docstring),
+    one leading index (layer) at a time."""
+    def one(args):
+        w, k = args
+        i0, i1 = _positions(k)
+        values = jnp.stack([jnp.take_along_axis(w, i[:, None, :], axis=1)[:, 0, :]
+                            for i in (i0, i1)], axis=0)
+        code = (i0 | (i1 << 2)).astype(jnp.uint8)
+        half = code.shape[0] // 2
+        return values, code[:half] | (code[half:] << 4)
+
+    lead = wg.shape[:-3]
+    values, meta = jax.lax.map(one, (wg.reshape(-1, *wg.shape[-3:]),
+                                     kept.reshape(-1, *kept.shape[-3:])))
+    return (values.reshape(*lead, *values.shape[1:]), meta.reshape(*lead, *meta.shape[1:]))
+
+
+def _codes(p: TwoFourWeight) -> tuple[jax.Array, jax.Array]:
+    """(i0, i1), each int32 (..., G_pad, N_pad)."""
+    m = p.meta.astype(jnp.int32)
+    code = jnp.concatenate([m & 15, m >> 4], axis=-2)
+    return code & 3, code >> 2
+
+
+def _dense_groups(values: jax.Array, i0: jax.Array, i1: jax.Array) -> jax.Array:
+    """(..., G, 4, N): the planes W_j put back into their groups."""
+    j = jnp.arange(4)[:, None]
+    v0, v1 = values[..., 0, :, None, :], values[..., 1, :, None, :]
+    zero = jnp.zeros((), values.dtype)
+    return (jnp.where(i0[..., None, :] == j, v0, zero)
+            + jnp.where(i1[..., None, :] == j, v1, zero))
+
+
+def _scatter(values: jax.Array, p: TwoFourWeight) -> jax.Array:
+    """values laid out like p.values, put back at their (K, N) positions."""
+    i0, i1 = _codes(p)
+    dense = _dense_groups(values, i0, i1)
+    *lead, gp, _, np_ = dense.shape
+    k, n = p.shape
+    return dense.reshape(*lead, gp * 4, np_)[..., :k, :n]
+
+
+def unpack_two_four(p: TwoFourWeight) -> Float[Array, "*l k n"]:
+    """The dense (..., K, N) weight (pure jnp reference)."""
+    return _scatter(p.values, p)
+
+
+def unpack_mask(p: TwoFourWeight) -> jax.Array:
+    """The bool (..., K, N) mask: the nonzero packed values (a kept zero counts as pruned)."""
+    return _scatter(p.values != 0, p)
+
+
+def x_planes(x: Float[Array, "m k"], g_pad: int) -> Float[Array, "4 m gp"]:
+    """x[:, 4g + j] as plane j (zero-padded to g_pad groups): what the kernels contract."""
+    m, k = x.shape
+    planes = jnp.transpose(x.reshape(m, k // 4, 4), (2, 0, 1))
+    return jnp.pad(planes, ((0, 0), (0, 0), (0, g_pad - k // 4)))
+
+
+def values_cotangent(p: TwoFourWeight, grad: Float[Array, "k n"]) -> TwoFourWeight:
+    """The cotangent of the packed weight given the dense gradient: the gradient at the
+    kept (nonzero) packed values; a slot that only completes a group (value zero) gets none,
+    so training keeps the mask. The metadata is structure (float0 cotangent)."""
+    i0, i1 = _codes(p)
+    g = _groups(grad.astype(p.values.dtype), p.block_g)
+    values = jnp.stack([jnp.take_along_axis(g, i[..., None, :], axis=-2)[..., 0, :]
+                        for i in (i0, i1)], axis=-3)
+    values = jnp.where(p.values != 0, values, jnp.zeros((), values.dtype))
+    return dataclasses.replace(p, values=values, meta=np.zeros(p.meta.shape, jax.dtypes.float0))

@@ -1,0 +1,133 @@
+"""`launch.quantize` (and `launch.prune` with a `quant` section, configs/prune.py:w8a8):
+quantize a (sparse) model directory, optionally pruning it in the same calibration pass.
+
+Writes `output_dir` whole or not at all: `format=hf`, a Hugging Face directory of the
+dequantized float32 weights (pruned entries exact zeros) with masks/ and sparsity_report.json;
+`format=compressed-tensors`, the W8A8 int-quantized layout (quant/compressed_tensors.py) with
+the same masks/ and report. With `eval.path`, perplexity before (the float model) and after
+(the quantized model as it runs: the W8A8 forward with `activations=int8_dynamic`, else the
+dequantized weights), as `launch.eval` computes it. Summary: perplexity_before,
+perplexity_after, sparsity (exact zeros of the dequantized targeted weights), bits, seconds,
+output_dir, and method, format, activations, smoothquant_alpha, zeros_kept.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from tqdm import tqdm
+
+from sparse_llama.model import loading, sharding
+from sparse_llama.model.config import check_context
+from sparse_llama.pruning import run as prune_run
+from sparse_llama.quant import calibrate, w8a8
+from sparse_llama.quant import compressed_tensors as ct
+from sparse_llama.sparsity import masks as masks_lib
+from sparse_llama.sparsity import report as report_lib
+from sparse_llama.sparsity.sparse_export import save_sparse_hf
+
+FORMATS = ("hf", "compressed-tensors")
+
+
+def spec_from_config(q: ml_collections.ConfigDict) -> calibrate.QuantSpec:
+    return calibrate.QuantSpec(
+        method=q.method, bits=int(q.bits), group_size=int(q.group_size),
+        act_order=bool(q.act_order), smoothquant_alpha=float(q.smoothquant_alpha),
+        activations=q.activations, block_size=int(q.block_size), dampening=float(q.dampening))
+
+
+def check_quantize_config(config: ml_collections.ConfigDict) -> calibrate.QuantSpec:
+    """Every value that could stop the run later, before loading anything."""
+    if "pruning" in config:
+        prune_run.check_prune_config(config)
+        if config.pruning.true_sequential:
+            raise ValueError("pruning.true_sequential is not supported when pruning and "
+                             "quantizing in one pass; set pruning.true_sequential=False")
+    else:
+        loading.check_model_section(config.model)
+        prune_run.check_calibration_and_outputs(config)
+    loading.require_hf_path(config.model)
+    spec = spec_from_config(config.quant)
+    if config.format not in FORMATS:
+        raise ValueError(f"format={config.format!r} is not one of {FORMATS}")
+    if config.format == "compressed-tensors" and spec.activations != "int8_dynamic":
+        raise ValueError("format=compressed-tensors writes the W8A8 int-quantized layout: set "
+                         "quant.activations=int8_dynamic (with quant.bits=8, group_size=0), or "
+                         "use format=hf")
+    if ct.quantization_config(config.model.hf_path) is not None:
+        raise ValueError(f"model.hf_path={config.model.hf_path!r} is already quantized (its "
+                         "config.json has a quantization_config); quantize the float checkpoint")
+    model = loading.model_config(config.model)
+    calibrate.check_against_model(spec, model)
+    c = config.calibration
+    tokens = c.num_samples * c.seq_len
+    width = max(model.hidden_size, model.q_width, model.intermediate_size)
+    if spec.method == "gptq" and tokens < width and not c.path.endswith(".npy"):
+        raise ValueError(f"calibration too short: {c.num_samples} x {c.seq_len} = {tokens} "
+                         f"tokens cannot give full-rank Hessians of width {width}; raise "
+                         "calibration.num_samples or calibration.seq_len")
+    if "pruning" in config:
+        prune_run.check_against_model(config)
+    else:
+        check_context(c.seq_len, model, "calibration.seq_len")
+        if config.eval.path:
+            check_context(config.eval.seq_len, model, "eval.seq_len")
+    return spec
+
+
+def _zeros_kept(before: dict, after: dict) -> bool:
+    kept = jax.tree_util.tree_map_with_path(
+        lambda p, a, b: bool(jnp.all(jnp.where(a == 0, b == 0, True)))
+        if masks_lib.is_target(masks_lib.path_name(p)) else True, before, after)
+    return all(jax.tree.leaves(kept))
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Quantize (and with a `pruning` section, first prune) as `config` says; the summary."""
+    spec = check_quantize_config(config)
+    start = time.time()
+    windows, bundle, perplexity = prune_run.load_inputs(config)
+    model = bundle.config
+    if spec.method == "gptq" and windows.size < max(model.hidden_size, model.intermediate_size):
+        raise ValueError(f"calibration too short: {windows.size} tokens in calibration.path "
+                         "for Hessians of width "
+                         f"{max(model.hidden_size, model.intermediate_size)}; give more windows")
+    ppl_before = perplexity(bundle.params, "eval (float)")
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    prune = None
+    if "pruning" in config:
+        prune = prune_run.prune_spec(
+            config, prune_run.layer_sparsities(config, bundle, windows, mesh, rules))
+    existing = masks_lib.masks_from_zeros(bundle.params)
+    quant_start = time.time()
+    with tqdm(total=bundle.config.num_layers, desc=f"{spec.method} int{spec.bits}",
+              unit="layer") as bar:
+        params, masks, scales = calibrate.quantize_model(
+            bundle.params, bundle.config, windows, spec, prune=prune, masks=existing,
+            batch_size=config.calibration.batch_size, mesh=mesh, rules=rules, progress=lambda _: bar.update())
+        jax.block_until_ready(params)
+    quant_seconds = time.time() - quant_start
+    report = report_lib.sparsity_report(params)
+    print(report_lib.format_report(report), flush=True)
+    w8a8_model = spec.activations == "int8_dynamic"
+    runs = w8a8.quantize_params(params, scales) if w8a8_model else params
+    tok_dir = bundle.tokenizer_dir
+    if config.format == "compressed-tensors":
+        out = ct.save_compressed(params, scales, bundle.config, config.output_dir, masks=masks,
+                                 tokenizer_dir=tok_dir, dtype=config.save_dtype or None,
+                                 report=report)
+    else:
+        out, _ = save_sparse_hf(params, bundle.config, config.output_dir, masks=masks,
+                                tokenizer_dir=tok_dir, dtype="float32", report=report)
+    ppl_after = perplexity(runs, "eval (W8A8)" if w8a8_model else "eval (quantized)")
+    finite = prune_run._finite_or_none
+    return {"perplexity_before": finite(ppl_before), "perplexity_after": finite(ppl_after),
+            "sparsity": finite(report["overall"]), "bits": spec.bits,
+            "seconds": round(time.time() - start, 3),
+            "quantize_seconds": round(quant_seconds, 3), "output_dir": str(out),
+            "method": spec.method, "format": config.format, "activations": spec.activations,
+            "smoothquant_alpha": spec.smoothquant_alpha,
+            "pruning": config.pruning.method if "pruning" in config else None,
+            "zeros_kept": _zeros_kept(bundle.params, params)}
