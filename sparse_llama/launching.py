@@ -18,6 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_llama.compilation import enable_persistent_cache
+
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0 for multi-process runs (or set JAX_COORDINATOR_ADDRESS).")
@@ -135,6 +137,7 @@ def main(run_fn: Callable[[], dict]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         init_distributed()
+        enable_persistent_cache()
         # Checked inside the try: a NaN result is reported like any other error.
         line = summary_line(run_fn())
     except USER_ERRORS as err:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
@@ -235,10 +235,14 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
     overrides = dict(spec.module_sparsity)
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
     acts = _Activations(_embed_windows(params, windows, config, spec.batch_size), mesh, rules)
+    # Every block's weights placed alike: the first block's would otherwise be host arrays
+    # and the later ones device arrays, two placements that compile every solver twice.
+    place = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     for i in range(config.num_layers):
         acts.check_finite(i)
-        p = llama.layer_params(params, i)
-        layer_masks = llama.layer_params(masks, i)
+        p = jax.device_put(llama.layer_params(params, i), place)
+        layer_masks = jax.device_put(llama.layer_params(masks, i), place)
         if linear_pass is not None and linear_pass.prepare is not None:
             p = linear_pass.prepare(i, p, functools.partial(acts.stats, p, config))
         for stage in stages:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from sparse_llama.compilation import CompileClock
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import run as eval_run
 from sparse_llama.model import loading, sharding
@@ -164,8 +165,10 @@ def prune_spec(config: ml_collections.ConfigDict, sparsities) -> driver.PruneSpe
 def run(config: ml_collections.ConfigDict) -> dict:
     """Prune `model` as `config` says and write `output_dir`; returns the summary dict.
 
-    Summary keys: sparsity, seconds, prune_seconds, perplexity_before, perplexity_after (None
-    without eval.path, or when not finite), method, output_dir.
+    Summary keys: sparsity, seconds, prune_seconds (the layer-by-layer pass) split into
+    prune_compile_seconds (XLA compiles inside it; ~0 when the persistent cache has them) and
+    prune_compute_seconds, perplexity_before, perplexity_after (None without eval.path, or
+    when not finite), method, output_dir.
     """
     if "quant" in config:  # configs/prune.py:w8a8: prune and quantize in one pass
         from sparse_llama.quant import run as quant_run
@@ -183,7 +186,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     spec = prune_spec(config, sparsities)
     existing = masks_lib.masks_from_zeros(bundle.params) if p.keep_zeros else None
     prune_start = time.time()
-    with tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer") as bar:
+    with (tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer") as bar,
+          CompileClock() as compiles):
         params, masks = driver.prune_model(bundle.params, bundle.config, windows, spec,
                                            masks=existing, mesh=mesh, rules=rules,
                                            progress=lambda _: bar.update())
@@ -199,6 +203,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return {"sparsity": _finite_or_none(report["overall"]),
             "seconds": round(time.time() - start, 3),
             "prune_seconds": round(prune_seconds, 3),
+            "prune_compile_seconds": round(compiles.seconds, 3),
+            "prune_compute_seconds": round(max(prune_seconds - compiles.seconds, 0.0), 3),
             "perplexity_before": _finite_or_none(ppl_before),
             "perplexity_after": _finite_or_none(ppl_after), "method": p.method,
             "output_dir": str(out)}
