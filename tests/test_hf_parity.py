@@ -133,8 +133,8 @@ def test_masked_save_writes_exact_zeros(ckpt, tmp_path):
     out = hf_io.save_hf(params, config, tmp_path / "masked", masks=masks)
     with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
         for name, where in hf_io.hf_tensor_names(config).items():
-            w = np.asarray(hf_io._get(params, where.path))
-            m = np.broadcast_to(np.asarray(hf_io._get(masks, where.path)), w.shape)
+            w = np.asarray(hf_io.get_path(params, where.path))
+            m = np.broadcast_to(np.asarray(hf_io.get_path(masks, where.path)), w.shape)
             if where.layer is not None:
                 w, m = w[where.layer], m[where.layer]
             if where.transpose:

@@ -8,6 +8,7 @@ import pytest
 
 from sparse_llama.model import llama, lora
 from sparse_llama.model.config import preset
+from sparse_llama.model.hf_io import get_path
 from sparse_llama.sparsity.masks import masks_from_zeros, path_name
 from sparse_llama.train import adapters as adapters_lib
 from sparse_llama.train import loss as loss_lib
@@ -50,7 +51,7 @@ def test_merge_is_w_plus_masked_low_rank_and_keeps_exact_zeros(sparse_base):
         if not lora.is_target(name):
             np.testing.assert_array_equal(flat_m[name], w)
             continue
-        ad = lora._get(adapters, name)
+        ad = get_path(adapters, tuple(name.split("/")))
         a, b = np.asarray(ad["a"], np.float64), np.asarray(ad["b"], np.float64)
         want = w + 0.5 * np.einsum("lir,lro->lio", a, b) * (w != 0)
         np.testing.assert_allclose(flat_m[name], want, rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ TENSOR_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("lm_head.weight", ("lm_head",), True),
 )
 # Buffers some exporters include; they are recomputed from the config, never loaded.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # The files that travel with a model's tokenizer, for every writer (save_hf's `tokenizer_dir`,
 # a training run's <workdir>/tokenizer): the tokenizer, its settings and chat template, and
 # generation_config.json, whose stop ids (Llama-3-Instruct lists several) and sampling
@@ -69,7 +69,7 @@ class HFTensor(NamedTuple):
     hf_shape: tuple[int, ...]  # the tensor's shape in the Hugging Face file
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def get_path(tree: dict, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]
     return tree
@@ -86,7 +86,7 @@ def hf_tensor_names(config: LlamaConfig) -> dict[str, HFTensor]:
     for pattern, path, transpose in TENSOR_TABLE:
         if path == ("lm_head",) and config.tie_word_embeddings:
             continue
-        shape = _get(shapes, path)
+        shape = get_path(shapes, path)
         per_layer = "{i}" in pattern
         one = shape[1:] if per_layer else shape
         hf_shape = tuple(reversed(one)) if transpose else tuple(one)
@@ -102,7 +102,7 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def _weight_files(ckpt: Path) -> list[Path]:
+def weight_files(ckpt: Path) -> list[Path]:
     """The safetensors files of a checkpoint dir (one file, or the shards of its index)."""
     index = ckpt / "model.safetensors.index.json"
     if index.exists():
@@ -150,7 +150,7 @@ def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaC
         raise FileNotFoundError(f"{ckpt} has no config.json; is it a Hugging Face checkpoint?")
     config = config_from_hf(_read_json(ckpt / "config.json"), source=str(ckpt))
     expected = hf_tensor_names(config)
-    files = _weight_files(ckpt)
+    files = weight_files(ckpt)
 
     # Check every header before reading any data, so a bad checkpoint fails in seconds.
     plan: dict[Path, list[str]] = {}
@@ -158,7 +158,7 @@ def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaC
     for file in files:
         with _open(file) as f:
             for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES) or (
+                if name.endswith(IGNORED_SUFFIXES) or (
                         name == "lm_head.weight" and config.tie_word_embeddings):
                     continue
                 if name not in expected:
@@ -188,7 +188,7 @@ def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaC
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"cannot read tensor {name} from {file}: {e}") from e
                 t = (t.T if where.transpose else t).astype(np_dtype, copy=False)
-                dest = _get(host, where.path)
+                dest = get_path(host, where.path)
                 if where.layer is None:
                     dest[...] = t
                 else:
@@ -212,9 +212,9 @@ def _host_leaves(params: dict, masks, config: LlamaConfig, np_dtype):
     for name, where in names.items():
         by_path.setdefault(where.path, []).append((name, where))
     for path, entries in by_path.items():
-        w = np.asarray(jax.device_get(_get(params, path)))
+        w = np.asarray(jax.device_get(get_path(params, path)))
         if masks is not None:
-            m = np.asarray(jax.device_get(_get(masks, path)))
+            m = np.asarray(jax.device_get(get_path(masks, path)))
             if not (m.ndim == 0 and m):
                 w = np.where(m, w, np.zeros((), w.dtype))  # pruned entries: exact zeros
         w = w.astype(np_dtype, copy=False)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from sparse_llama.model.hf_io import get_path
 from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
 
 
@@ -34,12 +35,6 @@ def _targets(params: dict, targets: Sequence[str]) -> dict:
     """{path name: weight or its ShapeDtypeStruct} of the targeted leaves ((L, in, out))."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {path_name(p): w for p, w in flat if is_target(path_name(p), targets)}
-
-
-def _get(tree: dict, name: str):
-    for key in name.split("/"):
-        tree = tree[key]
-    return tree
 
 
 def check_rank(params: dict, rank: int, targets: Sequence[str] = DEFAULT_TARGETS) -> None:
@@ -90,7 +85,7 @@ def merge(params: dict, adapters: dict, masks: dict | None, scale: float) -> dic
     for (path, w), m in zip(flat[0], mask_leaves, strict=True):
         name = path_name(path)
         try:
-            adapter = _get(adapters, name)
+            adapter = get_path(adapters, tuple(name.split("/")))
         except (KeyError, TypeError):
             leaves.append(w)
             continue

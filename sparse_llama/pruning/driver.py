@@ -170,7 +170,7 @@ def _tensor_name(block: int, name: str) -> str:
     return f"model.layers.{block}.{name.replace('/', '.')}.weight"
 
 
-def _prune_one(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
+def prune_linear(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
     """Prune one linear stored (in, out); the solvers take Hugging Face (out, in)."""
     w = w_in_out.T.astype(jnp.float32)
     mask = None if mask_in_out is None or mask_in_out.ndim == 0 else mask_in_out.T
@@ -258,7 +258,7 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
                                 i, name, _module_get(p, name), stats.get(g), s,
                                 _module_get(layer_masks, name))
                         else:
-                            new_w, new_mask = _prune_one(
+                            new_w, new_mask = prune_linear(
                                 spec.method, _module_get(p, name), stats.get(g), sparsity=s,
                                 spec=spec, mask_in_out=_module_get(layer_masks, name))
                     except NonFiniteError as err:  # the solver cannot know where it runs

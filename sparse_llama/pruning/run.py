@@ -200,16 +200,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
                             tokenizer_dir=bundle.tokenizer_dir, dtype=config.save_dtype or None,
                             report=report)
     ppl_after = perplexity(params, "eval (pruned)")
-    return {"sparsity": _finite_or_none(report["overall"]),
+    return {"sparsity": finite_or_none(report["overall"]),
             "seconds": round(time.time() - start, 3),
             "prune_seconds": round(prune_seconds, 3),
             "prune_compile_seconds": round(compiles.seconds, 3),
             "prune_compute_seconds": round(max(prune_seconds - compiles.seconds, 0.0), 3),
-            "perplexity_before": _finite_or_none(ppl_before),
-            "perplexity_after": _finite_or_none(ppl_after), "method": p.method,
+            "perplexity_before": finite_or_none(ppl_before),
+            "perplexity_after": finite_or_none(ppl_after), "method": p.method,
             "output_dir": str(out)}
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
     """A JSON-safe summary number: None stands for missing, NaN and inf alike."""
     return None if value is None or not math.isfinite(value) else float(value)

@@ -102,7 +102,7 @@ def quantize_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec:
         if prunes and (sparsity > 0 or prune.n):
             # Wanda ranks by ||X_j||^2, which diag(H) is proportional to: same mask.
             pstat = jnp.diagonal(stat) if prune.method == "wanda" else stat
-            w_in_out, mask = driver._prune_one(prune.method, w_in_out, pstat, sparsity=sparsity,
+            w_in_out, mask = driver.prune_linear(prune.method, w_in_out, pstat, sparsity=sparsity,
                                                spec=prune, mask_in_out=mask_in_out)
         keep = None if mask.ndim == 0 else mask.T
         q = gptq.quantize_linear(spec.method, w_in_out.T, stat, bits=spec.bits,

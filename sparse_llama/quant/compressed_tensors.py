@@ -178,7 +178,7 @@ def load_compressed(path: str | os.PathLike, *, param_dtype=np.float32
     config = config_from_hf(json.loads((ckpt / "config.json").read_text()), source=str(ckpt))
     names = hf_io.hf_tensor_names(config)
     tensors = {}
-    for file in hf_io._weight_files(ckpt):  # the reader of hf_io: one file or an index
+    for file in hf_io.weight_files(ckpt):  # the reader of hf_io: one file or an index
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
@@ -200,13 +200,13 @@ def load_compressed(path: str | os.PathLike, *, param_dtype=np.float32
             scale = scale.astype(np.float32).reshape(-1)
             t = t.astype(np.float32) * scale[:, None]
             layer_scales.setdefault("/".join(where.path), {})[where.layer] = scale
-        dest = hf_io._get(host, where.path)
+        dest = hf_io.get_path(host, where.path)
         t = (t.T if where.transpose else t).astype(dest.dtype)
         if where.layer is None:
             dest[...] = t
         else:
             dest[where.layer] = t
-    extra = [n for n in tensors if not n.endswith(hf_io._IGNORED_SUFFIXES)
+    extra = [n for n in tensors if not n.endswith(hf_io.IGNORED_SUFFIXES)
              and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if extra:
         raise ValueError(f"{ckpt} has tensors sparse_llama does not read: {sorted(extra)[:6]}")

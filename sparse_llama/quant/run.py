@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         out, _ = save_sparse_hf(params, bundle.config, config.output_dir, masks=masks,
                                 tokenizer_dir=tok_dir, dtype="float32", report=report)
     ppl_after = perplexity(runs, "eval (W8A8)" if w8a8_model else "eval (quantized)")
-    finite = prune_run._finite_or_none
+    finite = prune_run.finite_or_none
     return {"perplexity_before": finite(ppl_before), "perplexity_after": finite(ppl_after),
             "sparsity": finite(report["overall"]), "bits": spec.bits,
             "seconds": round(time.time() - start, 3),
