@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -50,12 +49,10 @@ def shrunk() -> list[str]:
     return flags
 
 
-def launch(workdir, *flags) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "launch.train",
+def launch(workdir, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.train",
                            "--config=configs/sparse70.py:tiny", f"--workdir={workdir}", *flags],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    return proc, time.time() - t0
 
 
 def last_json(proc) -> dict:
@@ -82,7 +79,7 @@ def last_json(proc) -> dict:
         "sparse_without_start"])
 def test_bad_recipes_are_one_line_errors_before_the_workdir_exists(tmp_path, flags, message):
     workdir = tmp_path / "run"
-    proc, _ = launch(workdir, *flags)
+    proc = launch(workdir, *flags)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
@@ -114,7 +111,7 @@ def train_steps(metrics: Path) -> list[int]:
 def test_tiny_recipe_runs_reruns_as_a_no_op_and_resumes_a_killed_stage(tmp_path):
     # One test, in order: the rerun and the resume act on the first run's workdir.
     workdir = tmp_path / "recipe"
-    proc, first_wall = launch(workdir, *shrunk())
+    proc = launch(workdir, *shrunk())
     summary = last_json(proc)
 
     # -- the first run: every stage, in order, with its measurements --
@@ -161,13 +158,12 @@ def test_tiny_recipe_runs_reruns_as_a_no_op_and_resumes_a_killed_stage(tmp_path)
 
     # -- the same command again: nothing is redone --
     before = file_times(workdir)
-    proc, rerun_wall = launch(workdir, *shrunk())
+    proc = launch(workdir, *shrunk())
     again = last_json(proc)
     assert again == summary  # same records, read back from stage.json
     for name in STAGES:
         assert f"[{name}] done earlier" in proc.stdout, name
     assert file_times(workdir) == before  # no checkpoint, export or record was rewritten
-    assert rerun_wall < first_wall / 2, (rerun_wall, first_wall)
 
     # -- a run killed inside sparse70 (after its step-2 checkpoint): the rerun resumes there --
     sparse70 = workdir / "sparse70"
@@ -178,7 +174,7 @@ def test_tiny_recipe_runs_reruns_as_a_no_op_and_resumes_a_killed_stage(tmp_path)
     shutil.rmtree(sparse70 / "hf")
     shutil.rmtree(sparse70 / "checkpoints" / "4")
     earlier = {n: (workdir / n / "stage.json").stat().st_mtime_ns for n in STAGES[:4]}
-    proc, _ = launch(workdir, *shrunk())
+    proc = launch(workdir, *shrunk())
     resumed = last_json(proc)
     for name in STAGES[:4]:
         assert f"[{name}] done earlier" in proc.stdout, name
