@@ -39,7 +39,7 @@ import numpy as np
 from peak_report import emit
 
 from configs import blocks, dense, prune, sparse
-from sparse_llama.data import corpus, sources
+from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval.run import evaluate_text
 from sparse_llama.model import loading
@@ -64,16 +64,10 @@ OPTIMIZER_KEYS = ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "b1", "b
 def texts(train_chars: int, held_out_chars: int) -> tuple[str, str]:
     """(training text, held-out text): disjoint modules of the embedded code corpus's training
     split, in hash order."""
-    train, _ = corpus.split("code")
-    order = sorted(range(len(train)), key=lambda i: sources.unit_hash(train.doc_id(i)))
-    docs = iter(train[i] for i in order)
+    docs = corpus.train_documents_in_hash_order("code")
 
     def take(chars):
-        out, n = [], 0
-        while n < chars:
-            out.append(next(docs))
-            n += len(out[-1])
-        return "\n\n".join(out)
+        return "\n\n".join(corpus.take_chars(docs, chars))
 
     return take(train_chars), take(held_out_chars)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import blocks, dense
-from sparse_llama.data import corpus, sources
+from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import default_tokenizer
 from sparse_llama.eval.run import evaluate_text
 from sparse_llama.model import loading
@@ -38,16 +38,10 @@ OPTIMIZER = {"lr": 3e-4, "warmup_steps": 4, "min_lr_ratio": 0.1, "weight_decay":
 def _slices(tmp_path):
     """(folder of pretraining documents, continued-training text file, held-out text file):
     disjoint documents of the embedded prose corpus's training split, in hash order."""
-    train, _ = corpus.split("prose")
-    order = sorted(range(len(train)), key=lambda i: sources.unit_hash(train.doc_id(i)))
-    docs = iter(train[i] for i in order)
+    docs = corpus.train_documents_in_hash_order("prose")
 
     def take(chars):
-        out, n = [], 0
-        while n < chars:
-            out.append(next(docs))
-            n += len(out[-1])
-        return out
+        return corpus.take_chars(docs, chars)
 
     folder = tmp_path / "pretrain"
     folder.mkdir()

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from batches import random_batch
 from safetensors.numpy import load_file
 
 from configs import blocks
@@ -289,12 +290,7 @@ def test_init_masks_are_the_zeros_and_set_find_work_through_nesting():
 # --- through the training engine: make_optimizer + make_train_step -------------------------
 
 def make_batch(b=8, t=16, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, CFG.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"inputs": jnp.asarray(x[:, :-1]), "targets": jnp.asarray(x[:, 1:]),
-            "segment_ids": jnp.ones((b, t), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-            "loss_mask": jnp.ones((b, t), jnp.float32)}
+    return random_batch(CFG.vocab_size, b, t, seed)
 
 
 ENGINE_STEPS = 3

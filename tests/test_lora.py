@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from batches import random_batch
 
 from sparse_llama.model import llama, lora
 from sparse_llama.model.config import preset
@@ -74,12 +75,7 @@ def test_rank_larger_than_a_layer_is_refused(sparse_base):
 
 
 def make_batch(b=4, t=16, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, CFG.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"inputs": jnp.asarray(x[:, :-1]), "targets": jnp.asarray(x[:, 1:]),
-            "segment_ids": jnp.ones((b, t), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-            "loss_mask": jnp.ones((b, t), jnp.float32)}
+    return random_batch(CFG.vocab_size, b, t, seed)
 
 
 def test_training_moves_only_the_adapters_and_starts_at_the_base(sparse_base):

@@ -6,15 +6,13 @@ import json
 
 import jax
 import numpy as np
-from test_train_loop import StopAt
+from test_train_loop import StopAt, final_state
 
 from configs import sat_cpt
-from sparse_llama.model import hf_io, sharding
+from sparse_llama.model import hf_io
 from sparse_llama.optim.sat import find_sat_state
 from sparse_llama.sat import objective as sat_objective
 from sparse_llama.train import export, loop, objectives
-from sparse_llama.train import state as state_lib
-from sparse_llama.train.checkpoint import Checkpoints
 
 
 def config():
@@ -27,18 +25,6 @@ def config():
     c.sat.update(metric="wanda", head_rate=0.5)
     c.sat.lors.update(constant_fraction=0.0, rungs=2)
     return c
-
-
-def final_state(workdir, cfg):
-    ckpt = Checkpoints(workdir, read_only=True)
-    step = ckpt.latest_step()
-    model = export.model_from_saved(ckpt.saved_model(step))
-    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_from_config(cfg.mesh)
-    opt, _ = loop.run_optimizer(cfg, sat_objective.build(cfg, model, mesh, rules))
-    state, _ = ckpt.restore(step, state_lib.abstract_state(model, opt, mesh, rules),
-                            model=model)
-    ckpt.close()
-    return jax.device_get(state)
 
 
 def rates(workdir):
@@ -54,7 +40,7 @@ def test_resume_lands_on_the_same_rung_and_selections(tmp_path, monkeypatch):
     assert loop.train(cfg, str(full))["step"] == 4
     assert loop.train(cfg, str(split), stop=StopAt(1))["stopped"]
     assert loop.train(cfg, str(split))["step"] == 4
-    a, b = final_state(str(full), cfg), final_state(str(split), cfg)
+    a, b = final_state(full, cfg)[1], final_state(split, cfg)[1]
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
     sa, sb = find_sat_state(a.opt_state), find_sat_state(b.opt_state)

@@ -11,17 +11,16 @@ import hf_fixtures
 import jax
 import numpy as np
 import pytest
-from test_train_loop import StopAt
+from test_train_loop import StopAt, final_state
 
 from configs import sparse
-from sparse_llama.model import hf_io, llama, sharding
+from sparse_llama.model import hf_io, llama
 from sparse_llama.model.config import preset
 from sparse_llama.optim.keep_sparse import find_masks
 from sparse_llama.sparsity import mask_io
 from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import export, loop, objectives, sparse_start
+from sparse_llama.train import export, loop, sparse_start
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.checkpoint import Checkpoints
 
 HF_CFG = preset("tiny").replace(vocab_size=hf_fixtures.TINY["vocab_size"],
                                 max_position_embeddings=64)
@@ -231,19 +230,6 @@ def test_dense_warning_threshold_is_ten_percent(start, caplog):
         with caplog.at_level(logging.WARNING):
             assert sparse_start.loaded_masks(config, p) is None
         assert bool(_densify_warnings(caplog)) is warns, fraction
-
-
-def final_state(workdir, config):
-    """The newest checkpoint of a sparse workdir, restored on the host."""
-    ckpt = Checkpoints(str(workdir), read_only=True)
-    step = ckpt.latest_step()
-    model = export.model_from_saved(ckpt.saved_model(step))
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config.mesh)
-    opt, _ = loop.run_optimizer(config, objectives.build(config, model, mesh, rules))
-    state, data_state = ckpt.restore(step, state_lib.abstract_state(model, opt, mesh, rules),
-                                     model=model)
-    ckpt.close()
-    return step, jax.device_get(state), data_state
 
 
 def per_matrix_zeros(tree) -> dict:

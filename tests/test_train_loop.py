@@ -11,7 +11,7 @@ from configs import dense
 from sparse_llama.data.tokenizer import default_tokenizer
 from sparse_llama.model import hf_io, sharding
 from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.train import export, loop
+from sparse_llama.train import export, loop, objectives
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints, StopRequest
 
@@ -38,13 +38,14 @@ class StopAt(StopRequest):
 
 
 def final_state(workdir, config):
-    """The newest checkpoint of a workdir, restored on the host."""
+    """(step, state, data state) of the newest checkpoint of a workdir, restored on the host
+    with the optimizer the run built (keep-sparse, the objective's own transformation)."""
     ckpt = Checkpoints(str(workdir), read_only=True)
     step = ckpt.latest_step()
     model = export.model_from_saved(ckpt.saved_model(step))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    opt, _ = make_optimizer(config.optimizer, config.train.steps)
+    opt, _ = loop.run_optimizer(config, objectives.build(config, model, mesh, rules))
     abstract = state_lib.abstract_state(model, opt, mesh, rules)
     state, data_state = ckpt.restore(step, abstract, model=model)
     ckpt.close()

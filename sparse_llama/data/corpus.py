@@ -28,6 +28,7 @@ import os
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sparse_llama.data import sources
@@ -182,17 +183,31 @@ def split(name: str) -> tuple[sources.Subset, sources.Subset]:
     return sources.holdout_split(documents(name), VALIDATION_FRACTION, group=_module_of)
 
 
+def train_documents_in_hash_order(name: str) -> Iterator[str]:
+    """The documents of corpus `name`'s training split in document-id hash order: a budget
+    cut then takes a spread of modules, not only the first ones by path."""
+    train, _ = split(name)
+    order = sorted(range(len(train)), key=lambda i: sources.unit_hash(train.doc_id(i)))
+    return (train[i] for i in order)
+
+
+def take_chars(docs: Iterator[str], chars: int) -> list[str]:
+    """Whole documents from `docs` until at least `chars` characters are taken (or `docs`
+    ends)."""
+    out, n = [], 0
+    while n < chars:  # test before drawing: the next slice starts with the next document
+        doc = next(docs, None)
+        if doc is None:
+            break
+        out.append(doc)
+        n += len(doc)
+    return out
+
+
 def tokenizer_training_texts() -> list[str]:
     """Deterministic subsample of both train splits that the default BPE is trained on."""
     texts = []
     for name in NAMES:
-        train, _ = split(name)
-        # Hash order, not path order, so a budget cut does not keep only a-c modules.
-        order = sorted(range(len(train)), key=lambda i: sources.unit_hash(train.doc_id(i)))
-        budget = _TOKENIZER_TRAINING_CHARS[name]
-        for i in order:
-            if budget <= 0:
-                break
-            texts.append(train[i])
-            budget -= len(texts[-1])
+        texts.extend(take_chars(train_documents_in_hash_order(name),
+                                _TOKENIZER_TRAINING_CHARS[name]))
     return texts

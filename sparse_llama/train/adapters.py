@@ -91,7 +91,7 @@ def _frozen(config: ml_collections.ConfigDict, mesh: Mesh, rules, *, with_masks:
     bundle = loading.load_model(config.model)
     masks = sparse_start.loaded_masks(config, bundle.params) if with_masks else None
     param_sh = sharding.param_shardings(bundle.params, mesh, rules)
-    params = sharding.shard(jax.tree.map(lambda w: np.asarray(w), bundle.params), param_sh)
+    params = sharding.shard(bundle.params, param_sh)
     mask_sh = None
     if masks is not None:
         mask_sh = sharding.param_shardings(masks, mesh, rules)
