@@ -18,7 +18,8 @@ def model(preset: str = "tiny", hf_path: str | None = None) -> ml_collections.Co
         "scan_layers": -1,  # -1: the preset's default; 0 / 1 to force the loop or lax.scan
         "remat": "",  # "": the preset's default; none | full | dots | dots_no_batch
         # "": xla (our softmax attention) | jax (jax.nn.dot_product_attention: cuDNN flash on
-        # GPU where it applies, XLA elsewhere)
+        # GPU where it applies, XLA elsewhere) | splash (JAX's Pallas splash kernels; TPU only,
+        # sequences a multiple of 128)
         "attention": "",
     })
 

@@ -16,7 +16,7 @@ from test_cli import ENV, last_json, run_cli
 
 from configs import prune as prune_configs
 from sparse_llama.pruning import run as prune_run
-from sparse_llama.sparsity import sparse_export
+from sparse_llama.pruning import stream
 
 
 def _checkpoint(path, poison=None):
@@ -128,7 +128,7 @@ def test_output_appears_whole_or_not_at_all(tmp_path, text, monkeypatch):
         raise KeyboardInterrupt("killed between the model and its masks")
 
     with monkeypatch.context() as m:
-        m.setattr(sparse_export.mask_io, "save_masks", killed)
+        m.setattr(stream.mask_io.MaskWriter, "close", killed)
         with pytest.raises(KeyboardInterrupt):
             prune_run.run(_config(ckpt, out, text))
     assert not out.exists()  # before: out/ held config.json and the weights, no masks/
@@ -157,10 +157,8 @@ def test_summary_has_no_nan(tmp_path, text, monkeypatch):
     config.eval.path = str(text)
     config.eval.seq_len = 32
 
-    class Result:  # what a model whose loss overflowed evaluates to
-        perplexity = math.nan
-
-    monkeypatch.setattr(prune_run.eval_run, "evaluate_text", lambda *a, **k: Result())
+    # what a model whose loss overflowed evaluates to
+    monkeypatch.setattr(stream, "_head_nll", lambda *a, **k: math.nan)
     summary = prune_run.run(config)
     # Before: NaN went into the summary, and json.dumps wrote the invalid token NaN.
     assert summary["perplexity_before"] is None and summary["perplexity_after"] is None

@@ -186,7 +186,13 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(b, a, atol=2e-5)
         np.testing.assert_array_equal(b == 0, a == 0)  # the same mask, kept exactly
     assert double["sparsity"] == single["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert (tmp_path / "two" / "hf" / "masks").is_dir()
+    from sparse_llama.sparsity import mask_io
+
+    # The masks/ of the 2-process export (each tensor gathered alone, process 0 writing).
+    jax_masks = [mask_io.load_masks(tmp_path / d / "hf" / "masks", p)
+                 for d, p in (("one", params_1), ("two", params_2))]
+    for a, b in zip(_leaves(jax_masks[0]), _leaves(jax_masks[1]), strict=True):
+        np.testing.assert_array_equal(b, a)
     data_files = os.listdir(tmp_path / "two" / "checkpoints" / "6" / "data")
     assert sorted(f for f in data_files if f.startswith("process_")) == [
         "process_0-of-2.json", "process_1-of-2.json"]

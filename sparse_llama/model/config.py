@@ -12,8 +12,9 @@ from typing import Any
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # "xla": the project's own softmax attention (layers.dot_product_attention); "jax":
 # jax.nn.dot_product_attention, which takes cuDNN's fused flash kernel on GPUs where the
-# inputs allow it and XLA elsewhere (model/layers.py).
-ATTENTION_IMPLEMENTATIONS = ("xla", "jax")
+# inputs allow it and XLA elsewhere; "splash": JAX's Pallas splash-attention kernels, TPU only
+# (sequence a multiple of 128; KV-cache decoding runs xla) (model/layers.py).
+ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

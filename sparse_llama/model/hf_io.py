@@ -6,8 +6,10 @@ stacked on a leading layer axis (see llama.py), hence the transposes.
 
 Loading streams tensor by tensor: each stacked param is allocated once at its final shape and
 its layer slices are filled as tensors are read, so the peak host memory is the model plus one
-tensor. Saving walks the params leaf by leaf into shards of at most `max_shard_bytes`, inside a
-temporary directory that is renamed into place only when complete.
+tensor; `read_params` reads one block (or the embeddings) alone, for the layer-streamed
+pruner. Saving takes one tensor at a time to the host (gathered across processes when
+sharded) and streams it into its shard of at most `max_shard_bytes` (safetensors_stream.py),
+inside a temporary directory that is renamed into place only when complete.
 """
 
 import json
@@ -22,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from sparse_llama.model import llama
+from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.model.hf_config import config_from_hf, config_to_hf
+from sparse_llama.model.safetensors_stream import TensorSpec, write_tensors
 from sparse_llama.sparsity.masks import check_masks
 
 # (Hugging Face name, our params path, transposed). "{i}" marks a per-layer tensor, stored at
@@ -75,23 +77,37 @@ def get_path(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def hf_tensor_names(config: LlamaConfig) -> dict[str, HFTensor]:
-    """Every Hugging Face tensor name of a `config` checkpoint -> where it lives in our params.
+def table_entries(num_layers: int, tied: bool) -> list[tuple[str, tuple[str, ...], int | None,
+                                                              bool]]:
+    """(Hugging Face name, params path, layer or None, transposed) of every tensor, in the order
+    the writers use: the embeddings, then block by block (each block's tensors together), then
+    the final norm and lm_head (absent when tied) — Hugging Face's own order, which is also the
+    order the layer-streamed pruner produces them."""
+    entries, done_layers = [], False
+    for pattern, path, transpose in TENSOR_TABLE:
+        if path == ("lm_head",) and tied:
+            continue
+        if "{i}" not in pattern:
+            entries.append((pattern, path, None, transpose))
+        elif not done_layers:
+            done_layers = True
+            per_layer = [row for row in TENSOR_TABLE if "{i}" in row[0]]
+            entries += [(pat.format(i=i), pth, i, tr)
+                        for i in range(num_layers) for pat, pth, tr in per_layer]
+    return entries
 
-    Ordered leaf by leaf (all layers of q_proj, then of k_proj, ...), the order save_hf writes.
-    `lm_head.weight` is absent when the embeddings are tied.
-    """
+
+def hf_tensor_names(config: LlamaConfig) -> dict[str, HFTensor]:
+    """Every Hugging Face tensor name of a `config` checkpoint -> where it lives in our params,
+    in `table_entries` order. `lm_head.weight` is absent when the embeddings are tied."""
     shapes = llama.param_shapes(config)
     names = {}
-    for pattern, path, transpose in TENSOR_TABLE:
-        if path == ("lm_head",) and config.tie_word_embeddings:
-            continue
+    for name, path, layer, transpose in table_entries(config.num_layers,
+                                                      config.tie_word_embeddings):
         shape = get_path(shapes, path)
-        per_layer = "{i}" in pattern
-        one = shape[1:] if per_layer else shape
-        hf_shape = tuple(reversed(one)) if transpose else tuple(one)
-        for i in range(config.num_layers) if per_layer else [None]:
-            names[pattern.format(i=i)] = HFTensor(path, i, transpose, hf_shape)
+        one = shape[1:] if layer is not None else shape
+        names[name] = HFTensor(path, layer, transpose,
+                               tuple(reversed(one)) if transpose else tuple(one))
     return names
 
 
@@ -132,16 +148,23 @@ def _open(file: Path):
         raise ValueError(f"cannot read safetensors file {file} (corrupted header?): {e}") from e
 
 
-def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
-    """(config, params) of a Hugging Face Llama checkpoint directory.
+class CheckpointIndex(NamedTuple):
+    """A checked Hugging Face checkpoint directory: its config and where each tensor is."""
+
+    config: LlamaConfig
+    tensors: dict[str, HFTensor]  # every expected tensor (hf_tensor_names)
+    files: dict[str, Path]  # tensor name -> the safetensors file holding it
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
+    """Check a checkpoint directory's config and every tensor header, reading no weights.
 
     The directory holds `config.json` and `model.safetensors`, or shards listed by
-    `model.safetensors.index.json`. Params are `param_dtype`, laid out as in llama.py.
-    Every expected tensor must be present with its shape and no other tensor may be
-    (`*.rotary_emb.inv_freq` buffers excepted; a tied checkpoint's `lm_head.weight` is
-    ignored): an extra tensor means an architecture we would silently compute wrongly.
-    Raises FileNotFoundError (missing dir, config or weights) or ValueError (anything else),
-    naming the file or tensor at fault.
+    `model.safetensors.index.json`. Every expected tensor must be present with its shape and
+    no other tensor may be (`*.rotary_emb.inv_freq` buffers excepted; a tied checkpoint's
+    `lm_head.weight` is ignored): an extra tensor means an architecture we would silently
+    compute wrongly. Raises FileNotFoundError (missing dir, config or weights) or ValueError
+    (anything else), naming the file or tensor at fault, in seconds whatever the model's size.
     """
     ckpt = Path(path)
     if not ckpt.is_dir():
@@ -150,12 +173,9 @@ def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaC
         raise FileNotFoundError(f"{ckpt} has no config.json; is it a Hugging Face checkpoint?")
     config = config_from_hf(_read_json(ckpt / "config.json"), source=str(ckpt))
     expected = hf_tensor_names(config)
-    files = weight_files(ckpt)
-
-    # Check every header before reading any data, so a bad checkpoint fails in seconds.
-    plan: dict[Path, list[str]] = {}
-    found, unexpected = set(), []
-    for file in files:
+    located: dict[str, Path] = {}
+    unexpected = []
+    for file in weight_files(ckpt):
         with _open(file) as f:
             for name in f.keys():
                 if name.endswith(IGNORED_SUFFIXES) or (
@@ -168,32 +188,62 @@ def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaC
                 if shape != expected[name].hf_shape:
                     raise ValueError(f"tensor {name} in {file} has shape {shape}, expected "
                                      f"{expected[name].hf_shape} from config.json")
-                found.add(name)
-                plan.setdefault(file, []).append(name)
+                located[name] = file
     if unexpected:
         raise ValueError(f"{ckpt} has tensors a Llama does not: {sorted(unexpected)[:8]}")
-    missing = [n for n in expected if n not in found]
+    missing = [n for n in expected if n not in located]
     if missing:
         raise ValueError(f"{ckpt} is missing tensor(s) {missing[:8]} ({len(missing)} in all)")
+    return CheckpointIndex(config, expected, located)
 
-    np_dtype = np.dtype(param_dtype)
-    host = jax.tree.map(lambda s: np.empty(s, np_dtype), llama.param_shapes(config),
-                        is_leaf=lambda x: isinstance(x, tuple))
-    for file, names in plan.items():
+
+def _get_tensor(f, name: str, file: Path) -> np.ndarray:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read tensor {name} from {file}: {e}") from e
+
+
+def _ours(t: np.ndarray, where: HFTensor, np_dtype) -> np.ndarray:
+    return (t.T if where.transpose else t).astype(np_dtype, copy=False)
+
+
+def read_params(index: CheckpointIndex, layer: int | None, np_dtype) -> dict:
+    """Host params of one decoder block (`layer`; the structure of `llama.layer_params`), or
+    of everything outside the blocks (None: embeddings, final norm, lm_head), read tensor by
+    tensor: the rest of the checkpoint is never in memory (layer-streamed pruning)."""
+    out: dict = {}
+    names = [n for n, w in index.tensors.items() if w.layer == layer]
+    for file in dict.fromkeys(index.files[n] for n in names):
         with _open(file) as f:
-            for name in names:
-                where = expected[name]
-                try:
-                    t = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise ValueError(f"cannot read tensor {name} from {file}: {e}") from e
-                t = (t.T if where.transpose else t).astype(np_dtype, copy=False)
+            for name in (n for n in names if index.files[n] == file):
+                where = index.tensors[name]
+                path = where.path[1:] if layer is not None else where.path
+                node = out
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node[path[-1]] = _ours(_get_tensor(f, name, file), where, np_dtype)
+    return out
+
+
+def load_hf(path: str | os.PathLike, *, param_dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+    """(config, params) of a Hugging Face Llama checkpoint directory (`open_checkpoint` says
+    what it must hold). Params are `param_dtype`, laid out as in llama.py."""
+    index = open_checkpoint(path)
+    np_dtype = np.dtype(param_dtype)
+    host = jax.tree.map(lambda s: np.empty(s, np_dtype), llama.param_shapes(index.config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+    for file in dict.fromkeys(index.files.values()):
+        with _open(file) as f:
+            for name in (n for n, fl in index.files.items() if fl == file):
+                where = index.tensors[name]
                 dest = get_path(host, where.path)
+                t = _ours(_get_tensor(f, name, file), where, np_dtype)
                 if where.layer is None:
                     dest[...] = t
                 else:
                     dest[where.layer] = t
-    return config, _to_device(host)
+    return index.config, _to_device(host)
 
 
 def _to_device(host: dict) -> dict:
@@ -205,53 +255,24 @@ def _to_device(host: dict) -> dict:
     return out
 
 
-def _host_leaves(params: dict, masks, config: LlamaConfig, np_dtype):
-    """(Hugging Face name, numpy array) for every tensor, one params leaf in memory at a time."""
-    names = hf_tensor_names(config)
-    by_path: dict[tuple[str, ...], list[tuple[str, HFTensor]]] = {}
-    for name, where in names.items():
-        by_path.setdefault(where.path, []).append((name, where))
-    for path, entries in by_path.items():
-        w = np.asarray(jax.device_get(get_path(params, path)))
+def hf_tensors(params: dict, masks, config: LlamaConfig, np_dtype):
+    """(Hugging Face name, numpy array) of every tensor in `table_entries` order, one tensor
+    on the host at a time; pruned entries (masks False) are exact zeros."""
+    for name, where in hf_tensor_names(config).items():
+        w = sharding.host_array(get_path(params, where.path), where.layer)
         if masks is not None:
-            m = np.asarray(jax.device_get(get_path(masks, path)))
-            if not (m.ndim == 0 and m):
-                w = np.where(m, w, np.zeros((), w.dtype))  # pruned entries: exact zeros
+            m = get_path(masks, where.path)
+            if not (jnp.ndim(m) == 0 and bool(m)):
+                keep = sharding.host_array(m, where.layer)
+                w = np.where(keep, w, np.zeros((), w.dtype))
         w = w.astype(np_dtype, copy=False)
-        for name, where in entries:
-            t = w if where.layer is None else w[where.layer]
-            yield name, np.ascontiguousarray(t.T if where.transpose else t)
-        del w
+        yield name, np.ascontiguousarray(w.T if where.transpose else w)
 
 
-def _write_shards(tensors, out: Path, max_shard_bytes: int) -> None:
-    """Safetensors shards of at most max_shard_bytes (one bigger tensor gets its own shard)."""
-    shards: list[list[str]] = []
-    current: dict[str, np.ndarray] = {}
-    size = total = 0
-
-    def flush():
-        save_file(current, str(out / f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-        shards.append(list(current))
-
-    for name, t in tensors:
-        if current and size + t.nbytes > max_shard_bytes:
-            flush()
-            current, size = {}, 0
-        current[name] = t
-        size += t.nbytes
-        total += t.nbytes
-    flush()
-    if len(shards) == 1:
-        os.rename(out / "shard-00000.tmp", out / "model.safetensors")
-        return
-    weight_map = {}
-    for k, names in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.rename(out / f"shard-{k:05d}.tmp", out / file)
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+def hf_tensor_specs(config: LlamaConfig, dtype: str) -> list[TensorSpec]:
+    """The write plan of a checkpoint's weights: every tensor's name, shape and dtype."""
+    return [TensorSpec(name, where.hf_shape, dtype)
+            for name, where in hf_tensor_names(config).items()]
 
 
 def _check_params(params: dict, config: LlamaConfig) -> None:
@@ -272,7 +293,7 @@ def _check_params(params: dict, config: LlamaConfig) -> None:
                              f"config implies {shape}")
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and the directory itself, so the rename publishes complete data even
     if the machine (not just the process) goes down right after it."""
     for f in root.iterdir():
@@ -310,61 +331,100 @@ def _prepare_out_dir(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, masks=None,
-            tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            generation_config: dict | None = None) -> Path:
-    """Write a Hugging Face Llama checkpoint of `params` to `out_dir`; returns its path.
+def _tokenizer_files(tokenizer_dir) -> tuple[list[Path], dict]:
+    """(the tokenizer files to copy, the source's generation_config or {}), checked."""
+    if tokenizer_dir is None:
+        return [], {}
+    tok_dir = Path(tokenizer_dir)
+    if not tok_dir.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {tok_dir} does not exist")
+    tok_files = [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).exists()]
+    if not tok_files:
+        raise FileNotFoundError(f"{tok_dir} holds none of the tokenizer files "
+                                f"{list(TOKENIZER_FILES)}")
+    gen = [f for f in tok_files if f.name == _GENERATION_CONFIG]
+    return [f for f in tok_files if f not in gen], (_read_json(gen[0]) if gen else {})
 
-    Files: config.json, model.safetensors (or shards of at most `max_shard_bytes` plus
-    model.safetensors.index.json), generation_config.json (bos/eos of the config, updated with
-    `tokenizer_dir`'s generation_config.json, then with `generation_config`), and the other
-    TOKENIZER_FILES found in `tokenizer_dir`.
+
+def check_save_dtype(dtype: str) -> None:
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {_SAVE_DTYPES}, got {dtype!r}")
+
+
+def write_hf_metadata(config: LlamaConfig, directory: Path, *, dtype: str,
+                      tokenizer_dir=None, generation_config: dict | None = None) -> None:
+    """config.json, generation_config.json and the tokenizer files of a checkpoint.
+
+    generation_config.json: bos/eos of the config, updated with `tokenizer_dir`'s
+    generation_config.json (its full eos list, sampling defaults), then with
+    `generation_config`, so the caller's values win.
+    """
+    tok_files, source_gen = _tokenizer_files(tokenizer_dir)
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2)
+                                           + "\n")
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           **source_gen, **(generation_config or {})}
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for f in tok_files:
+        shutil.copy2(f, directory / f.name)
+
+
+def write_hf(params: dict, config: LlamaConfig, directory: str | os.PathLike, *, masks=None,
+             tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             generation_config: dict | None = None) -> None:
+    """The files of a Hugging Face checkpoint of `params` into the existing `directory`.
+
+    Every process of a multi-host run calls it with its (sharded) params; tensors are gathered
+    one at a time (`sharding.host_array`) and process 0 alone writes, streaming each tensor
+    into its shard (`safetensors_stream`), so no host holds more than one tensor besides its
+    own shards.
+    Files: model.safetensors (or shards of at most `max_shard_bytes` plus
+    model.safetensors.index.json) and `write_hf_metadata`'s.
     masks: pytree like params (bool); pruned entries are written as exact zeros, so the dense
       checkpoint loads anywhere (docs/algorithms.md, "Checkpoint format").
     dtype: stored dtype ('float32', 'bfloat16', 'float16'); None keeps the embedding's dtype.
-    The checkpoint is written to a temporary directory beside `out_dir` and renamed into place,
-    so a crash never leaves a partial checkpoint. An existing `out_dir` is replaced only if it
-    is empty or holds a config.json (a previous checkpoint); otherwise FileExistsError.
     """
     _check_params(params, config)
     if masks is not None:
         check_masks(params, masks)
     dtype = dtype or np.dtype(params["embed_tokens"].dtype).name
-    if dtype not in _SAVE_DTYPES:
-        raise ValueError(f"dtype must be one of {_SAVE_DTYPES}, got {dtype!r}")
+    check_save_dtype(dtype)
+    _tokenizer_files(tokenizer_dir)  # a bad tokenizer dir fails before any tensor moves
+    tensors = hf_tensors(params, masks, config, np.dtype(jnp.dtype(dtype)))
+    if jax.process_index() != 0:
+        for _ in tensors:  # the gathers are collective: take part, write nothing
+            pass
+        return
+    directory = Path(directory)
+    write_tensors(directory, hf_tensor_specs(config, dtype), tensors,
+                  max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    write_hf_metadata(config, directory, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                      generation_config=generation_config)
+
+
+def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, masks=None,
+            tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+            generation_config: dict | None = None) -> Path:
+    """Write a Hugging Face Llama checkpoint of `params` to `out_dir` (`write_hf`'s files);
+    returns its path. One process: a multi-host run publishes `write_hf` through
+    `sparse_export.publish_dir`, whose staging directory every process agrees on.
+
+    The checkpoint is written to a temporary directory beside `out_dir` and renamed into place,
+    so a crash never leaves a partial checkpoint. An existing `out_dir` is replaced only if it
+    is empty or holds a config.json (a previous checkpoint); otherwise FileExistsError.
+    """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    tok_files = []
-    if tokenizer_dir is not None:
-        tok_dir = Path(tokenizer_dir)
-        if not tok_dir.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {tok_dir} does not exist")
-        tok_files = [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).exists()]
-        if not tok_files:
-            raise FileNotFoundError(f"{tok_dir} holds none of the tokenizer files "
-                                    f"{list(TOKENIZER_FILES)}")
-    # The source's generation settings (its full eos list, sampling defaults) replace our
-    # config-derived bos/eos and are merged, not copied, so `generation_config` still wins.
-    source_gen = {}
-    for f in [f for f in tok_files if f.name == _GENERATION_CONFIG]:
-        tok_files.remove(f)
-        source_gen = _read_json(f)
     out = Path(out_dir)
     _prepare_out_dir(out)
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private to us
-        _write_shards(_host_leaves(params, masks, config, np.dtype(jnp.dtype(dtype))), tmp,
-                      max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-               **source_gen, **(generation_config or {})}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for f in tok_files:
-            shutil.copy2(f, tmp / f.name)
-        _fsync_tree(tmp)
+        write_hf(params, config, tmp, masks=masks, tokenizer_dir=tokenizer_dir, dtype=dtype,
+                 max_shard_bytes=max_shard_bytes, generation_config=generation_config)
+        fsync_tree(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

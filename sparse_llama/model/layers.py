@@ -8,14 +8,22 @@ array or a structured weight type; Hugging Face stores (out, in); see hf_io).
 `mlp` takes an optional index array of kept intermediate channels and `attention_context`
 an optional index array of kept query heads or of kept KV groups, so that sparsity-accelerated training (SAT) can
 run forward and backward over a subset of units with plain gathers and smaller dense matmuls.
+
+Every attention implementation (`ATTENTION`) takes (q, k, v, mask, kv_head_of_q); `mask` is a
+dense boolean (b, t, s) array (any mask: a KV cache, a soft prompt) or the `SelfAttentionMask`
+of a packed batch (llama.rope_and_mask), which also carries the segment ids that the splash
+kernel needs instead of a dense mask.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jaxtyping import Array, Bool, Float, Int
 
+from sparse_llama.model import sharding
 from sparse_llama.model.linear import StructuredWeight, cast, linear
 
 _NEG_INF = -1e30  # finite, so fully-masked rows (padding) give uniform weights, never NaN
@@ -58,8 +66,26 @@ def attention_mask(q_positions: Int[Array, "b t"], k_positions: Int[Array, "b s"
     return mask
 
 
+class SelfAttentionMask(NamedTuple):
+    """Causal self-attention over a (packed) batch: the dense mask and what it was made of.
+
+    `dense` is `attention_mask(idx, idx, segment_ids, segment_ids)` (causal by index, within a
+    segment, segment 0 never attended); `segment_ids` is None for one document per row.
+    """
+
+    dense: Bool[Array, "b t t"]
+    segment_ids: Int[Array, "b t"] | None
+
+
+Mask = Bool[Array, "b t s"] | SelfAttentionMask
+
+
+def dense_mask(mask: Mask) -> Bool[Array, "b t s"]:
+    return mask.dense if isinstance(mask, SelfAttentionMask) else mask
+
+
 def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"],
-                          v: Float[Array, "b s k e"], mask: Bool[Array, "b t s"],
+                          v: Float[Array, "b s k e"], mask: Mask,
                           kv_head_of_q: Int[Array, " h"] | None = None) -> Float[Array, "b t h e"]:
     """Softmax attention in float32 with grouped-query heads.
 
@@ -69,6 +95,7 @@ def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"]
     runs fastest; measured ~30% faster than the einsum layout at m100 shapes).
     """
     b, t, h, e = q.shape
+    mask = dense_mask(mask)
     if kv_head_of_q is not None:
         k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
     num_kv = k.shape[2]
@@ -85,7 +112,7 @@ def dot_product_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"]
 
 
 def jax_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"],
-                  v: Float[Array, "b s k e"], mask: Bool[Array, "b t s"],
+                  v: Float[Array, "b s k e"], mask: Mask,
                   kv_head_of_q: Int[Array, " h"] | None = None) -> Float[Array, "b t h e"]:
     """`dot_product_attention` through `jax.nn.dot_product_attention` (the same mask, GQA by
     its head groups); its implementation is JAX's choice (cuDNN flash on a GPU that supports
@@ -94,11 +121,75 @@ def jax_attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"],
     if kv_head_of_q is not None:
         k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                       mask=mask[:, None])
+                                       mask=dense_mask(mask)[:, None])
     return out.astype(v.dtype)
 
 
-ATTENTION = {"xla": dot_product_attention, "jax": jax_attention}
+# Tile sizes splash may use, largest first; its kernels need multiples of 128 (TPU lanes).
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_block_sizes(seq_len: int) -> splash.BlockSizes:
+    """One tile for every splash kernel (forward, dq, dkv): the largest of `SPLASH_BLOCKS`
+    that divides the sequence; a sequence that none divides is refused."""
+    block = next((size for size in SPLASH_BLOCKS if seq_len % size == 0), None)
+    if block is None:
+        raise ValueError(f"model.attention=splash needs a sequence length that is a multiple of "
+                         f"{SPLASH_BLOCKS[-1]} (the kernel's smallest tile), got {seq_len}; set "
+                         f"data.seq_len (calibration.seq_len when pruning) to a multiple of "
+                         f"{SPLASH_BLOCKS[-1]}, or use model.attention=xla")
+    return splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                             block_q_dq=block, block_kv_dq=block)
+
+
+def splash_attention(q: Float[Array, "b t h e"], k: Float[Array, "b t k e"],
+                     v: Float[Array, "b t k e"], mask: Mask,
+                     kv_head_of_q: Int[Array, " h"] | None = None, *,
+                     interpret: bool = False) -> Float[Array, "b t h e"]:
+    """`dot_product_attention` through JAX's Pallas TPU splash-attention kernels (forward and
+    backward): a causal mask object and the segment ids of `mask` (a `SelfAttentionMask`)
+    instead of a dense mask, grouped-query heads by the kernel's own head groups.
+
+    Padding (segment 0) attends to earlier padding instead of to nothing, so padded rows
+    differ from `dot_product_attention`'s; real tokens never see them, as there.
+    `interpret=True` runs the kernels in Pallas' interpreter (any backend; tests on CPU).
+    Refused at trace time: a dense mask (KV cache, soft prompt), a sequence that is not a
+    multiple of 128, float16.
+    """
+    if not isinstance(mask, SelfAttentionMask):
+        raise ValueError("model.attention=splash takes only the causal self-attention mask of "
+                         "a batch (llama.rope_and_mask: segment ids); this call passed a dense "
+                         "mask (a soft prompt's or one over a KV cache): use model.attention=xla "
+                         "or jax for it")
+    _, t, h, e = q.shape
+    if q.dtype == jnp.float16:
+        raise ValueError("model.attention=splash does not take float16 (TPUs have no float16 "
+                         "matmul); set model.dtype=bfloat16 or float32")
+    block_sizes = splash_block_sizes(t)
+    if kv_head_of_q is not None:  # a head subset: each query head gets its own kv head
+        k, v = k[:, :, kv_head_of_q], v[:, :, kv_head_of_q]
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.CausalMask((t, t))] * h),
+                                    block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    # The kernel does not scale the scores: fold 1/sqrt(e) into q (in float32, one rounding).
+    q = (q.astype(jnp.float32) * e ** -0.5).astype(q.dtype)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # b n t e: the kernel's layout
+    seg = None if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32)
+
+    def one_row(q1, k1, v1, seg1):  # the kernel takes one row: (n, t, e), segments (t,)
+        return kernel(q1, k1, v1, segment_ids=None if seg1 is None else
+                      splash.SegmentIds(seg1, seg1))
+
+    def rows(q, k, v, seg):
+        return jax.vmap(one_row)(q, k, v, seg)
+
+    # Inside a sharded step each device runs the kernel on its own rows (a Pallas call is
+    # opaque to XLA's partitioner, which would otherwise gather the batch onto every device).
+    return jnp.swapaxes(sharding.map_rows(rows, q, k, v, seg), 1, 2)
+
+
+ATTENTION = {"xla": dot_product_attention, "jax": jax_attention, "splash": splash_attention}
 
 
 def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]:
@@ -107,7 +198,7 @@ def head_columns(head_idx: Int[Array, " n"], head_dim: int) -> Int[Array, " ne"]
 
 
 def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
-                      sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], *, num_heads: int,
+                      sin: Float[Array, "b t e"], mask: Mask, *, num_heads: int,
                       num_kv_heads: int, head_dim: int, dtype,
                       head_idx: Int[Array, " n"] | None = None,
                       group_idx: Int[Array, " m"] | None = None,
@@ -125,7 +216,8 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
     `group_idx` (instead of head_idx) restricts it to whole KV groups: those k/v heads and all
     their query heads, so k and v are computed only for the kept groups (SAT under GQA). With
     `kv` (a cache) use neither: the cache holds every kv head. `attention` names the
-    implementation (`ATTENTION`; LlamaConfig.attention).
+    implementation (`ATTENTION`; LlamaConfig.attention); `mask` is a dense (b, t, s) mask or
+    the batch's `SelfAttentionMask` (llama.rope_and_mask), passed to it as is.
     """
     b, t, _ = x.shape
     # Gather first, then cast: a bf16 step over f32 master weights casts only what it uses.
@@ -155,7 +247,7 @@ def attention_context(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t 
 
 
 def attention(p: dict, x: Float[Array, "b t d"], cos: Float[Array, "b t e"],
-              sin: Float[Array, "b t e"], mask: Bool[Array, "b t s"], **kwargs,
+              sin: Float[Array, "b t e"], mask: Mask, **kwargs,
               ) -> tuple[Float[Array, "b t d"], tuple[Array, Array]]:
     """Self-attention block (without its norm): `attention_context` then o_proj."""
     context, wo, new_kv = attention_context(p, x, cos, sin, mask, **kwargs)

@@ -153,14 +153,17 @@ def run_blocks(stacked: dict, x: Array, per_layer, step_fn, config: LlamaConfig)
 
 def rope_and_mask(shape: tuple[int, int], config: LlamaConfig, positions=None,
                   segment_ids=None):
-    """Rotary tables and the (b, t, t) attention mask for a batch of this shape."""
+    """Rotary tables and the attention mask for a batch of this shape: a
+    `layers.SelfAttentionMask`, the dense (b, t, t) mask with the segment ids it came from
+    (the splash kernel takes those instead; XLA drops whichever part goes unused)."""
     b, t = shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = _rope(positions, config)
     # Causality is by index, not by the rotary positions (which restart in packed documents).
     idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-    return cos, sin, layers.attention_mask(idx, idx, segment_ids, segment_ids)
+    dense = layers.attention_mask(idx, idx, segment_ids, segment_ids)
+    return cos, sin, layers.SelfAttentionMask(dense, segment_ids)
 
 
 def embed(params, tokens, config):
@@ -239,7 +242,13 @@ def forward_cached(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig,
 def forward_cached_embeds(params: dict, x: Float[Array, "b t d"], config: LlamaConfig,
                           cache: dict, start: Int[Array, ""]
                           ) -> tuple[Float[Array, "b t v"], dict]:
-    """`forward_cached` from input embeddings (a soft prompt's rows, model/soft_prompt.py)."""
+    """`forward_cached` from input embeddings (a soft prompt's rows, model/soft_prompt.py).
+
+    Prefill and decode steps attend over the cache with a dense mask, which the splash kernel
+    does not take: with `config.attention == "splash"` they run the xla attention.
+    """
+    if config.attention == "splash":
+        config = config.replace(attention="xla")
     b, t, _ = x.shape
     max_len = cache["k"].shape[2]
     q_pos = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparse_llama.model import llama
-from sparse_llama.model.config import DTYPES, REMAT_POLICIES, LlamaConfig, preset
+from sparse_llama.model.config import (
+    ATTENTION_IMPLEMENTATIONS,
+    DTYPES,
+    REMAT_POLICIES,
+    LlamaConfig,
+    preset,
+)
 
 # model.quantized: none (float weights; a quantized checkpoint is dequantized) | auto (W8A8
 # when the checkpoint is compressed-tensors int8) | w8a8 (always; docs/quantization.md)
@@ -31,6 +37,15 @@ def check_model_section(model_cfg: ml_collections.ConfigDict) -> None:
                              f"{DTYPES}")
     if model_cfg.remat and model_cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={model_cfg.remat!r} is not one of {REMAT_POLICIES}")
+    attention = model_cfg.get("attention")
+    if attention and attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={attention!r} is not one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    # Splash is a Pallas TPU kernel: elsewhere only its (slow) interpreter runs it, which the
+    # tests use and a run should not.
+    if attention == "splash" and jax.default_backend() != "tpu":
+        raise ValueError(f"model.attention=splash runs on TPU only (this backend is "
+                         f"{jax.default_backend()}); use model.attention=xla (CPU) or jax (GPU)")
     if model_cfg.scan_layers not in (-1, 0, 1):
         raise ValueError(f"model.scan_layers must be -1 (preset default), 0 or 1, got "
                          f"{model_cfg.scan_layers}")

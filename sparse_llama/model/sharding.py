@@ -178,3 +178,31 @@ def constrain_rows(x: jax.Array) -> jax.Array:
         return x
     spec = PartitionSpec(sh.spec[0], *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(sh.mesh, spec))
+
+
+def map_rows(fn, *args):
+    """`fn(*args)` with every array argument (batch, ...) split by rows as the current
+    `activation_rows` layout says, each device running `fn` on its own rows (jax.shard_map):
+    for a kernel XLA cannot partition itself (a Pallas call), which it would otherwise run on
+    the whole batch on every device. None arguments pass through; without a layout, a plain
+    call. `fn` must be row-wise (nothing mixes rows) and return one (batch, ...) array."""
+    sh = _ROWS.get()
+    if sh is None:
+        return fn(*args)
+    rows = PartitionSpec(sh.spec[0])
+    specs = tuple(None if a is None else rows for a in args)
+    return jax.shard_map(fn, mesh=sh.mesh, in_specs=specs, out_specs=rows,
+                         check_vma=False)(*args)
+
+
+def host_array(x, layer: int | None = None) -> np.ndarray:
+    """`x` (or its `layer` slice) as one numpy array on this process. A param sharded over
+    several processes is gathered one slice at a time (every process must call, in the same
+    order), so a writer's host memory holds one tensor, never the model."""
+    if layer is not None:
+        x = x[layer]
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

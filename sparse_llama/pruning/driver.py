@@ -19,7 +19,8 @@ its solver. A silent fallback would write a model whose broken layer nobody noti
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,7 @@ def _block_out(p: dict, x, config: LlamaConfig):
     return llama.block(p, x, cos, sin, mask, config)[0]
 
 
-class _Activations:
+class Activations:
     """The current block's inputs for all calibration windows, in micro-batches."""
 
     def __init__(self, chunks: list, mesh: Mesh | None, rules: Mapping | None):
@@ -155,12 +156,29 @@ class _Activations:
                 f"block {block}: its calibration inputs, {source}, have {bad} NaN/inf entries; "
                 "check the checkpoint's weights, or prune in float32 if it overflowed")
 
-    def advance(self, p, config) -> "_Activations":
-        return _Activations([_block_out(p, self.place(x), config) for x in self.chunks],
+    def advance(self, p, config) -> "Activations":
+        return Activations([_block_out(p, self.place(x), config) for x in self.chunks],
                             self.mesh, self.rules)
 
 
-def _embed_windows(params, windows: np.ndarray, config: LlamaConfig, batch_size: int) -> list:
+class ModelBlocks(NamedTuple):
+    """Where the driver reads a model: the embeddings, and `block(i)` giving decoder block i's
+    weights (unstacked, `llama.layer_params`' structure; host or device arrays). A params tree
+    gives one (`blocks_of`); a checkpoint on disk another (pruning/stream.py), which reads
+    each block only when it is pruned."""
+
+    embed_tokens: Any
+    block: Callable[[int], dict]
+
+
+def blocks_of(params: dict) -> ModelBlocks:
+    return ModelBlocks(params["embed_tokens"], functools.partial(llama.layer_params, params))
+
+
+def embed_windows(embed_tokens, windows: np.ndarray, config: LlamaConfig,
+                  batch_size: int) -> list:
+    """The block-0 inputs of `windows` (n, t), in micro-batches of `batch_size`."""
+    params = {"embed_tokens": embed_tokens}
     return [llama.embed(params, jnp.asarray(windows[i:i + batch_size]), config)
             for i in range(0, windows.shape[0], batch_size)]
 
@@ -187,19 +205,21 @@ def prune_linear(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask
     return new_w.T.astype(w_in_out.dtype), new_mask.T
 
 
-def owl_outlier_ratios(params: dict, config: LlamaConfig, windows: np.ndarray, *, m: float,
-                       batch_size: int = 8, mesh: Mesh | None = None, rules=None,
+def owl_outlier_ratios(blocks: ModelBlocks, config: LlamaConfig, windows: np.ndarray, *,
+                       m: float, batch_size: int = 8, mesh: Mesh | None = None, rules=None,
                        progress: Callable | None = None) -> list[float]:
     """OWL's D_l for every block, from a dense pass over the calibration windows.
 
     All layer sparsities depend on every D_l (min/max normalisation), so they are measured
     before any pruning, on the dense model, as the published OWL implementation does.
     """
-    acts = _Activations(_embed_windows(params, windows, config, batch_size), mesh, rules)
+    acts = Activations(embed_windows(blocks.embed_tokens, windows, config, batch_size), mesh,
+                        rules)
+    place = _placement(mesh)
     ratios = []
     for i in range(config.num_layers):
         acts.check_finite(i)
-        p = llama.layer_params(params, i)
+        p = jax.device_put(blocks.block(i), place)
         norms = acts.stats(p, config, tuple(GROUPS), "sqnorm")
         # Stored (in, out): input feature j is row j, hence norms[:, None].
         metrics = {name: jnp.abs(_module_get(p, name)) * jnp.sqrt(norms[g])[:, None]
@@ -216,33 +236,47 @@ def owl_outlier_ratios(params: dict, config: LlamaConfig, windows: np.ndarray, *
     return ratios
 
 
-def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: PruneSpec, *,
-                masks: dict | None = None, mesh: Mesh | None = None, rules=None,
-                progress: Callable | None = None,
-                linear_pass: LinearPass | None = None) -> tuple[dict, dict]:
-    """Prune every targeted linear of every block; returns (pruned params, masks).
+def _placement(mesh: Mesh | None):
+    """Every block's weights placed alike: the first block's would otherwise be host arrays
+    and the later ones device arrays, two placements that compile every solver twice."""
+    return (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+            else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
-    windows: (num_samples, seq_len) calibration token ids. masks: existing masks (params'
-    structure) to extend: what they pruned stays pruned. The returned masks have the params'
-    structure (0-d True for untargeted leaves), and pruned entries are exact zeros.
-    linear_pass: solve the linears with its `solve` (and `prepare` each block) instead.
+
+class PrunedBlock(NamedTuple):
+    layer: int
+    dense: dict  # the block as read (device arrays)
+    pruned: dict  # its pruned weights: pruned entries are exact zeros
+    masks: dict  # the block's masks (0-d True for untargeted leaves)
+
+
+def prune_blocks(blocks: ModelBlocks, config: LlamaConfig, windows: np.ndarray,
+                 spec: PruneSpec, *, initial_masks: Callable[[int, dict], dict] | None = None,
+                 mesh: Mesh | None = None, rules=None,
+                 linear_pass: LinearPass | None = None) -> Iterator[PrunedBlock]:
+    """Prune the model block by block, yielding each block as soon as it is done.
+
+    Only one block's weights, its masks and the calibration activations are live here: the
+    caller decides what to keep (`prune_model` stacks them; pruning/stream.py writes them to
+    disk and lets them go). initial_masks(i, block) -> the masks the block starts from (what
+    they prune stays pruned); default all True. linear_pass: solve the linears with its
+    `solve` (and `prepare` each block) instead of `spec.method`.
     """
     if len(spec.layer_sparsity) != config.num_layers:
         raise ValueError(f"{len(spec.layer_sparsity)} layer sparsities for a model with "
                          f"{config.num_layers} layers")
-    masks = dense_masks(params) if masks is None else masks
     kind = METHOD_STATS[spec.method] if linear_pass is None else linear_pass.stat
     overrides = dict(spec.module_sparsity)
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
-    acts = _Activations(_embed_windows(params, windows, config, spec.batch_size), mesh, rules)
-    # Every block's weights placed alike: the first block's would otherwise be host arrays
-    # and the later ones device arrays, two placements that compile every solver twice.
-    place = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
-             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    acts = Activations(embed_windows(blocks.embed_tokens, windows, config, spec.batch_size),
+                        mesh, rules)
+    place = _placement(mesh)
     for i in range(config.num_layers):
         acts.check_finite(i)
-        p = jax.device_put(llama.layer_params(params, i), place)
-        layer_masks = jax.device_put(llama.layer_params(masks, i), place)
+        dense = jax.device_put(blocks.block(i), place)
+        layer_masks = dense_masks(dense) if initial_masks is None else initial_masks(i, dense)
+        layer_masks = jax.device_put(layer_masks, place)
+        p = dense
         if linear_pass is not None and linear_pass.prepare is not None:
             p = linear_pass.prepare(i, p, functools.partial(acts.stats, p, config))
         for stage in stages:
@@ -266,9 +300,44 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
                                              ) from None
                     p = _module_set(p, name, new_w)
                     layer_masks = _module_set(layer_masks, name, new_mask)
-        params = llama.set_layer_params(params, i, p)
-        masks = llama.set_layer_params(masks, i, layer_masks)
         acts = acts.advance(p, config)
+        yield PrunedBlock(i, dense, p, layer_masks)
+
+
+def _stack(blocks: list[dict], like: dict) -> dict:
+    """The stacked tree (`like`'s structure and dtypes) of per-block trees, leaf by leaf so
+    that only one stacked leaf is built at a time; `like`'s 0-d leaves (masks of untargeted
+    tensors) stay as they are."""
+    flat = [jax.tree.leaves(b) for b in blocks]
+    refs, treedef = jax.tree.flatten(like)
+    out = []
+    for k, ref in enumerate(refs):
+        out.append(jnp.stack([f[k] for f in flat]).astype(ref.dtype) if jnp.ndim(ref) else ref)
+        for f in flat:
+            f[k] = None
+    return jax.tree.unflatten(treedef, out)
+
+
+def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: PruneSpec, *,
+                masks: dict | None = None, mesh: Mesh | None = None, rules=None,
+                progress: Callable | None = None,
+                linear_pass: LinearPass | None = None) -> tuple[dict, dict]:
+    """Prune every targeted linear of every block; returns (pruned params, masks).
+
+    windows: (num_samples, seq_len) calibration token ids. masks: existing masks (params'
+    structure) to extend: what they pruned stays pruned. The returned masks have the params'
+    structure (0-d True for untargeted leaves), and pruned entries are exact zeros. Each block
+    is pruned once and the stack is built at the end (no full-stack copy per block).
+    linear_pass: solve the linears with its `solve` (and `prepare` each block) instead.
+    """
+    masks = dense_masks(params) if masks is None else masks
+    new_params, new_masks = [], []
+    for done in prune_blocks(blocks_of(params), config, windows, spec,
+                             initial_masks=lambda i, _: llama.layer_params(masks, i),
+                             mesh=mesh, rules=rules, linear_pass=linear_pass):
+        new_params.append(done.pruned)
+        new_masks.append(done.masks)
         if progress is not None:
-            progress(i)
-    return params, masks
+            progress(done.layer)
+    return ({**params, "layers": _stack(new_params, params["layers"])},
+            {**masks, "layers": _stack(new_masks, masks["layers"])})

@@ -1,8 +1,9 @@
 """`launch.prune`: one-shot pruning of a model directory, from an ml-collections config.
 
 Writes to `output_dir`: a Hugging Face directory whose pruned weights are exact zeros
-(transformers loads it as is; tokenizer files copied), `masks/` (orbax) and
-`sparsity_report.json`. With `eval.path`, perplexity before and after, as `launch.eval` computes.
+(transformers loads it as is; tokenizer files copied), `masks/` (one bit per weight,
+sparsity/mask_io.py) and `sparsity_report.json`. With `eval.path`, perplexity before and after,
+as `launch.eval` computes it, from the same layer-streamed pass.
 
 The output directory appears whole or not at all: it is built aside (`.<name>.partial` in the
 same parent) and renamed into place once, so a kill never leaves a checkpoint that looks
@@ -16,20 +17,22 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
 from sparse_llama.compilation import CompileClock
-from sparse_llama.data.tokenizer import load_tokenizer
+from sparse_llama.data.tokenizer import check_vocab, load_tokenizer
+from sparse_llama.eval import perplexity as perplexity_lib
 from sparse_llama.eval import run as eval_run
-from sparse_llama.model import loading, sharding
-from sparse_llama.model.config import check_context
-from sparse_llama.pruning import calibration, driver, profiles
+from sparse_llama.model import hf_io, loading, sharding
+from sparse_llama.model.config import LlamaConfig, check_context
+from sparse_llama.pruning import calibration, driver, profiles, stream
 from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.sparsity import report as report_lib
-from sparse_llama.sparsity.sparse_export import save_sparse_hf
+from sparse_llama.sparsity import sparse_export
 
 
 def check_prune_config(config: ml_collections.ConfigDict) -> None:
@@ -88,8 +91,9 @@ def check_calibration_and_outputs(config: ml_collections.ConfigDict) -> None:
                          "checkpoint being pruned; choose another --config.output_dir")
 
 
-def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
-    p, n_layers = config.pruning, bundle.config.num_layers
+def layer_sparsities(config, blocks: driver.ModelBlocks, model: LlamaConfig, windows, mesh,
+                     rules) -> np.ndarray:
+    p, n_layers = config.pruning, model.num_layers
     if p.n:
         return profiles.uniform(n_layers, p.n / p.m)
     if p.profile == "uniform":
@@ -100,9 +104,8 @@ def layer_sparsities(config, bundle, windows, mesh, rules) -> np.ndarray:
     # stays the last line of stderr.
     with tqdm(total=n_layers, desc="OWL outlier ratios", unit="layer") as bar:
         ratios = driver.owl_outlier_ratios(
-            bundle.params, bundle.config, windows, m=p.owl_m,
-            batch_size=config.calibration.batch_size, mesh=mesh, rules=rules,
-            progress=lambda _: bar.update())
+            blocks, model, windows, m=p.owl_m, batch_size=config.calibration.batch_size,
+            mesh=mesh, rules=rules, progress=lambda _: bar.update())
     logging.info("OWL outlier ratios: %s", np.round(ratios, 4).tolist())
     return profiles.owl(ratios, p.sparsity, p.owl_lambda)
 
@@ -119,27 +122,40 @@ def check_against_model(config: ml_collections.ConfigDict) -> None:
         check_context(seq_len, model, key)
 
 
-def load_inputs(config: ml_collections.ConfigDict):
-    """(calibration windows, the model bundle, `perplexity(params, desc)`): the calibration
-    first, from config.json and the tokenizer alone, so a bad calibration text is refused
-    before the weights (140 GB for a 70B) are read. `perplexity` gives None without eval.path.
-    """
-    model_cfg = config.model
-    model = loading.model_config(model_cfg)
+def _tokenizer(model_cfg: ml_collections.ConfigDict):
+    """(the tokenizer of model.hf_path or None, the directory holding it or None)."""
     tokenizer_dir = (model_cfg.hf_path if model_cfg.hf_path and os.path.isfile(
         os.path.join(model_cfg.hf_path, "tokenizer.json")) else None)
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    return (load_tokenizer(tokenizer_dir) if tokenizer_dir else None), tokenizer_dir
+
+
+def _calibration(config: ml_collections.ConfigDict, model: LlamaConfig, tokenizer):
     c = config.calibration
-    windows = calibration.calibration_windows(
+    return calibration.calibration_windows(
         c.path, tokenizer, num_samples=c.num_samples, seq_len=c.seq_len, seed=c.seed,
         vocab_size=model.vocab_size, allow_overlap=c.allow_overlap)
+
+
+def _eval_text(config: ml_collections.ConfigDict, tokenizer) -> str | None:
+    if not config.eval.path:
+        return None
+    if tokenizer is None:
+        raise ValueError("eval.path needs the model's tokenizer.json in model.hf_path")
+    with open(config.eval.path, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_inputs(config: ml_collections.ConfigDict):
+    """(calibration windows, the whole model bundle, `perplexity(params, desc)`), for a pass
+    that needs the model in memory (launch.quantize): the calibration first, from config.json
+    and the tokenizer alone, so a bad calibration text is refused before the weights are
+    read. `perplexity` gives None without eval.path.
+    """
+    model_cfg = config.model
+    tokenizer, _ = _tokenizer(model_cfg)
+    windows = _calibration(config, loading.model_config(model_cfg), tokenizer)
     bundle = loading.load_model(model_cfg)
-    eval_text = None
-    if config.eval.path:
-        if tokenizer is None:
-            raise ValueError("eval.path needs the model's tokenizer.json in model.hf_path")
-        with open(config.eval.path, encoding="utf-8") as f:
-            eval_text = f.read()
+    eval_text = _eval_text(config, tokenizer)
 
     def perplexity(params, desc):
         if eval_text is None:
@@ -150,6 +166,18 @@ def load_inputs(config: ml_collections.ConfigDict):
                                       desc=desc).perplexity
 
     return windows, bundle, perplexity
+
+
+def _model_source(model_cfg: ml_collections.ConfigDict, model: LlamaConfig):
+    """(ModelBlocks, params outside the blocks): read block by block from model.hf_path
+    (only the headers now), or a preset model in memory. A compressed-tensors checkpoint is
+    dequantized whole (its int8 layout is not read block by block)."""
+    from sparse_llama.quant import compressed_tensors
+
+    if model_cfg.hf_path and not compressed_tensors.is_compressed_tensors(model_cfg.hf_path):
+        return stream.checkpoint_blocks(hf_io.open_checkpoint(model_cfg.hf_path),
+                                        jnp.dtype(model_cfg.param_dtype))
+    return stream.params_blocks(loading.load_model(model_cfg).params)
 
 
 def prune_spec(config: ml_collections.ConfigDict, sparsities) -> driver.PruneSpec:
@@ -165,10 +193,12 @@ def prune_spec(config: ml_collections.ConfigDict, sparsities) -> driver.PruneSpe
 def run(config: ml_collections.ConfigDict) -> dict:
     """Prune `model` as `config` says and write `output_dir`; returns the summary dict.
 
-    Summary keys: sparsity, seconds, prune_seconds (the layer-by-layer pass) split into
-    prune_compile_seconds (XLA compiles inside it; ~0 when the persistent cache has them) and
-    prune_compute_seconds, perplexity_before, perplexity_after (None without eval.path, or
-    when not finite), method, output_dir.
+    The model is read, pruned and written block by block (pruning/stream.py): host memory
+    holds the embeddings and head, one block and the calibration activations, not the model.
+    Summary keys: sparsity, seconds, prune_seconds (the layer-by-layer pass, writing included)
+    split into prune_compile_seconds (XLA compiles inside it; ~0 when the persistent cache has
+    them) and prune_compute_seconds, perplexity_before, perplexity_after (None without
+    eval.path, or when not finite), method, output_dir.
     """
     if "quant" in config:  # configs/prune.py:w8a8: prune and quantize in one pass
         from sparse_llama.quant import run as quant_run
@@ -177,37 +207,57 @@ def run(config: ml_collections.ConfigDict) -> dict:
     check_prune_config(config)
     check_against_model(config)
     start = time.time()
-    windows, bundle, perplexity = load_inputs(config)
-    ppl_before = perplexity(bundle.params, "eval (dense)")
+    model = loading.model_config(config.model)
+    tokenizer, tokenizer_dir = _tokenizer(config.model)
+    windows = _calibration(config, model, tokenizer)
+    eval_text = _eval_text(config, tokenizer)
+    eval_windows = None
+    if eval_text is not None:
+        check_vocab(tokenizer, model.vocab_size)
+        eval_windows = perplexity_lib.token_windows(tokenizer.encode(eval_text),
+                                                    config.eval.seq_len)
+        perplexity_lib.check_token_ids(eval_windows, model.vocab_size)
+    blocks, top = _model_source(config.model, model)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    sparsities = layer_sparsities(config, bundle, windows, mesh, rules)
+    sparsities = layer_sparsities(config, blocks, model, windows, mesh, rules)
     p = config.pruning
     spec = prune_spec(config, sparsities)
-    existing = masks_lib.masks_from_zeros(bundle.params) if p.keep_zeros else None
-    prune_start = time.time()
-    with (tqdm(total=bundle.config.num_layers, desc=f"{p.method} pruning", unit="layer") as bar,
-          CompileClock() as compiles):
-        params, masks = driver.prune_model(bundle.params, bundle.config, windows, spec,
-                                           masks=existing, mesh=mesh, rules=rules,
-                                           progress=lambda _: bar.update())
-        jax.block_until_ready(params)
-    prune_seconds = time.time() - prune_start
-    report = report_lib.sparsity_report(params)
-    report["layer_targets"] = [float(s) for s in sparsities]
-    print(report_lib.format_report(report), flush=True)
-    out, _ = save_sparse_hf(params, bundle.config, config.output_dir, masks=masks,
-                            tokenizer_dir=bundle.tokenizer_dir, dtype=config.save_dtype or None,
-                            report=report)
-    ppl_after = perplexity(params, "eval (pruned)")
-    return {"sparsity": finite_or_none(report["overall"]),
+    dtype = config.save_dtype or np.dtype(top["embed_tokens"].dtype).name
+    hf_io.check_save_dtype(dtype)
+    initial = (lambda _, block: masks_lib.masks_from_zeros(block)) if p.keep_zeros else None
+    out = os.path.abspath(config.output_dir)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(
+            os.path.join(out, "config.json")):
+        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to "
+                              "replace it (choose another output directory)")
+    result = {}
+
+    def write(staging):
+        prune_start = time.time()
+        with (tqdm(total=model.num_layers, desc=f"{p.method} pruning", unit="layer") as bar,
+              CompileClock() as compiles):
+            report, before, after = stream.prune_to_dir(
+                blocks, top, model, windows, spec, staging, dtype=dtype, initial_masks=initial,
+                mesh=mesh, rules=rules, eval_windows=eval_windows,
+                eval_batch_size=config.eval.batch_size, progress=lambda _: bar.update())
+        report["layer_targets"] = [float(s) for s in sparsities]
+        if jax.process_index() == 0:
+            hf_io.write_hf_metadata(model, staging, dtype=dtype, tokenizer_dir=tokenizer_dir)
+            sparse_export.write_json(staging / "sparsity_report.json", report)
+        result.update(report=report, before=before, after=after, compile=compiles.seconds,
+                      seconds=time.time() - prune_start)
+
+    sparse_export.publish_dir(out, write)
+    print(report_lib.format_report(result["report"]), flush=True)
+    return {"sparsity": finite_or_none(result["report"]["overall"]),
             "seconds": round(time.time() - start, 3),
-            "prune_seconds": round(prune_seconds, 3),
-            "prune_compile_seconds": round(compiles.seconds, 3),
-            "prune_compute_seconds": round(max(prune_seconds - compiles.seconds, 0.0), 3),
-            "perplexity_before": finite_or_none(ppl_before),
-            "perplexity_after": finite_or_none(ppl_after), "method": p.method,
-            "output_dir": str(out)}
+            "prune_seconds": round(result["seconds"], 3),
+            "prune_compile_seconds": round(result["compile"], 3),
+            "prune_compute_seconds": round(max(result["seconds"] - result["compile"], 0.0), 3),
+            "perplexity_before": finite_or_none(result["before"]),
+            "perplexity_after": finite_or_none(result["after"]), "method": p.method,
+            "output_dir": out}
 
 
 def finite_or_none(value):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sparse_llama.model import loading, sharding
 from sparse_llama.model.config import check_context
+from sparse_llama.pruning import driver
 from sparse_llama.pruning import run as prune_run
 from sparse_llama.quant import calibrate, w8a8
 from sparse_llama.quant import compressed_tensors as ct
@@ -99,7 +100,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     prune = None
     if "pruning" in config:
         prune = prune_run.prune_spec(
-            config, prune_run.layer_sparsities(config, bundle, windows, mesh, rules))
+            config, prune_run.layer_sparsities(config, driver.blocks_of(bundle.params),
+                                               bundle.config, windows, mesh, rules))
     existing = masks_lib.masks_from_zeros(bundle.params)
     quant_start = time.time()
     with tqdm(total=bundle.config.num_layers, desc=f"{spec.method} int{spec.bits}",

@@ -3,11 +3,20 @@
 import jax
 import numpy as np
 
+from sparse_llama.model import sharding
 from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
 
 
-def sparsity_report(params, targets=DEFAULT_TARGETS) -> dict:
-    """Fractions of exact zeros in the targeted tensors (stacked layer tensors split per layer).
+def tensor_counts(module: str, layer: int | None, w) -> dict:
+    """One tensor's entry of a report, with its counts: {name, layer, shape, zeros, size}."""
+    w = np.asarray(w)
+    return {"name": module, "layer": layer, "shape": list(w.shape),
+            "zeros": int(np.sum(w == 0)), "size": int(w.size)}
+
+
+def summarize(counts) -> dict:
+    """The report of `tensor_counts` entries (a model's targeted tensors, in any order: the
+    report lists them by module, then layer, whatever order they were counted in).
 
     Returns {"overall", "per_module", "per_layer", "per_tensor": [{name, layer, shape,
     sparsity}]}: the JSON written next to a pruned checkpoint.
@@ -16,31 +25,42 @@ def sparsity_report(params, targets=DEFAULT_TARGETS) -> dict:
     zeros_by_layer: dict[int, list[int]] = {}
     tensors = []
     total = [0, 0]
+    for c in sorted(counts, key=lambda c: (c["name"], c["layer"] is None, c["layer"] or 0)):
+        zeros, size = c["zeros"], c["size"]
+        tensors.append({"name": c["name"], "layer": c["layer"], "shape": c["shape"],
+                        "sparsity": zeros / size})
+        for table, key in ((zeros_by_module, c["name"]), (zeros_by_layer, c["layer"])):
+            acc = table.setdefault(key, [0, 0])
+            acc[0] += zeros
+            acc[1] += size
+        total[0] += zeros
+        total[1] += size
+    if total[1] == 0:
+        raise ValueError("no targeted tensors to report on")
+    return {
+        "overall": total[0] / total[1],
+        "per_module": {k: z / n for k, (z, n) in sorted(zeros_by_module.items())},
+        "per_layer": {str(k): z / n for k, (z, n) in sorted(
+            zeros_by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))},
+        "per_tensor": tensors,
+    }
+
+
+def sparsity_report(params, targets=DEFAULT_TARGETS) -> dict:
+    """Fractions of exact zeros in the targeted tensors (stacked layer tensors split per
+    layer, each brought to the host on its own: `sharding.host_array`); `summarize`'s dict."""
+    counts = []
     for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_name(path)
         if not is_target(name, targets):
             continue
-        w = np.asarray(w)
         stacked = name.startswith("layers/")
-        for layer, block in enumerate(w if stacked else [w]):
-            zeros, size = int(np.sum(block == 0)), int(block.size)
-            module = name.removeprefix("layers/")
-            tensors.append({"name": module, "layer": layer if stacked else None,
-                            "shape": list(block.shape), "sparsity": zeros / size})
-            for table, key in ((zeros_by_module, module), (zeros_by_layer, layer)):
-                acc = table.setdefault(key, [0, 0])
-                acc[0] += zeros
-                acc[1] += size
-            total[0] += zeros
-            total[1] += size
-    if total[1] == 0:
+        module = name.removeprefix("layers/")
+        for layer in range(w.shape[0]) if stacked else [None]:
+            counts.append(tensor_counts(module, layer, sharding.host_array(w, layer)))
+    if not counts:
         raise ValueError(f"no targeted tensors found among the params (targets: {targets})")
-    return {
-        "overall": total[0] / total[1],
-        "per_module": {k: z / n for k, (z, n) in zeros_by_module.items()},
-        "per_layer": {str(k): z / n for k, (z, n) in sorted(zeros_by_layer.items())},
-        "per_tensor": tensors,
-    }
+    return summarize(counts)
 
 
 def format_report(report: dict) -> str:

@@ -7,7 +7,7 @@
 Everything is built in `<parent>/.<name>.partial` and renamed into place once, so a crash leaves
 either the previous OUT or the new one, never a model without its masks. Every tool loads OUT as
 a dense Hugging Face checkpoint; this project's commands also find the masks. All processes of
-a multi-host run call these functions together (orbax writes the masks collectively).
+a multi-host run call these functions together.
 """
 
 import json
@@ -60,7 +60,7 @@ def publish_dir(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -72,9 +72,11 @@ def _write_json(path: Path, obj) -> None:
 def save_sparse_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *,
                    masks: dict, tokenizer_dir: str | None = None, dtype: str | None = None,
                    report: dict | None = None) -> tuple[Path, dict]:
-    """Write host params, their masks and the sparsity report to `out_dir` atomically.
+    """Write params, their masks and the sparsity report to `out_dir` atomically.
 
-    Returns (the directory, the report; computed from the weights unless given). An existing
+    Every process of a multi-host run calls it with its sharded params and masks: each tensor
+    is gathered on its own and process 0 writes (hf_io.write_hf, mask_io.save_masks), so no
+    host holds more than one tensor beyond its own shards. Returns (the directory, the report; computed from the weights unless given). An existing
     `out_dir` is replaced only when it holds a config.json (a previous checkpoint); any other
     non-empty directory is refused before anything is written.
     """
@@ -87,12 +89,10 @@ def save_sparse_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike
     report = sparsity_report(params) if report is None else report
 
     def write(staging: Path) -> None:
-        if jax.process_index() == 0:
-            hf_io.save_hf(params, config, staging, masks=masks, tokenizer_dir=tokenizer_dir,
-                          dtype=dtype)
-        _sync("sparse_llama_publish_hf")
+        hf_io.write_hf(params, config, staging, masks=masks, tokenizer_dir=tokenizer_dir,
+                       dtype=dtype)
         mask_io.save_masks(masks, staging / "masks")
         if jax.process_index() == 0:
-            _write_json(staging / "sparsity_report.json", report)
+            write_json(staging / "sparsity_report.json", report)
 
     return publish_dir(out, write), report

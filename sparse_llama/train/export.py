@@ -15,12 +15,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import LlamaConfig, RopeScaling
 from sparse_llama.sparsity.report import format_report
-from sparse_llama.sparsity.sparse_export import save_sparse_hf
+from sparse_llama.sparsity.sparse_export import publish_dir, save_sparse_hf
 from sparse_llama.train.checkpoint import Checkpoints
 
 
@@ -48,34 +47,20 @@ def save_tokenizer(tokenizer, source_dir: str | None, workdir: str) -> str:
     return str(target)
 
 
-def host_params(params: dict) -> dict:
-    """Numpy copies of (possibly multi-process sharded) params, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(params)
-    from jax.experimental import multihost_utils
-
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-
-
 def export_params(params: dict, model: LlamaConfig, out_dir: str, *,
                   tokenizer_dir: str | None) -> Path:
-    """Write `params` as a Hugging Face checkpoint (process 0 writes, all processes call)."""
-    host = host_params(params)
-    if jax.process_index() == 0:
-        hf_io.save_hf(host, model, out_dir, tokenizer_dir=tokenizer_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("sparse_llama_export")
-    return Path(out_dir).absolute()
+    """Write `params` as a Hugging Face checkpoint, whole or not at all. Every process of a
+    multi-host run calls it with its sharded params: each tensor is gathered on its own and
+    process 0 writes (hf_io.write_hf), so no host ever holds the whole model."""
+    return publish_dir(out_dir, lambda staging: hf_io.write_hf(
+        params, model, staging, tokenizer_dir=tokenizer_dir))
 
 
 def export_sparse(params: dict, masks: dict, model: LlamaConfig, out_dir: str, *,
                   tokenizer_dir: str | None) -> Path:
     """`export_params` for a sparse run: weights with exact zeros, `masks/` and
     `sparsity_report.json` in one directory, written whole (sparsity/sparse_export.py)."""
-    out, _ = save_sparse_hf(host_params(params), model, out_dir, masks=host_params(masks),
-                            tokenizer_dir=tokenizer_dir)  # every process: masks are collective
+    out, _ = save_sparse_hf(params, model, out_dir, masks=masks, tokenizer_dir=tokenizer_dir)
     return out
 
 

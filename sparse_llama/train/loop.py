@@ -346,8 +346,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         hf_dir = report = None
         written: dict = {}
         if t.export_hf and not stopped and trainable is not None:
-            written = trainable.export(export.host_params(state.params), objective.inputs,
-                                       workdir, tokenizer_dir)
+            # The adapters are small and replicated: one host copy of them.
+            written = trainable.export(jax.tree.map(sharding.host_array, state.params),
+                                       objective.inputs, workdir, tokenizer_dir)
             hf_dir, report = written.pop("hf_dir", None), written.pop("sparsity_report", None)
         elif t.export_hf and not stopped:
             masks = keep_sparse.find_masks(state.opt_state) if keep else None

@@ -1,0 +1,138 @@
+"""Layer-streamed pruning: a checkpoint pruned block by block, in bounded host memory.
+
+`launch.prune` never holds the model: the embeddings, final norm and lm_head are read first
+(`read_params(index, None)`), then each decoder block is read from the safetensors when the
+driver reaches it, pruned (driver.prune_blocks), and its weights, masks and report counts are
+streamed into the output's files (safetensors_stream.ShardedWriter, mask_io.MaskWriter) before
+the next block is read. Peak host memory is about the embeddings and head, two copies of one
+block (as read, and pruned) and the calibration activations, whatever the depth: a Llama-2-70B
+prunes on a host with a fraction of its 280 GB of float32 weights.
+
+With evaluation windows the dense and the pruned model's perplexities come from the same pass:
+each window set's hidden states advance through the block as read and the block as pruned, and
+the head scores them at the end (the computation of `llama.forward`, block by block).
+"""
+
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_llama.model import hf_io, layers, llama, sharding
+from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.safetensors_stream import ShardedWriter
+from sparse_llama.pruning import driver
+from sparse_llama.sparsity import mask_io
+from sparse_llama.sparsity import report as report_lib
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
+from sparse_llama.train.loss import token_nll
+
+
+def checkpoint_blocks(index: hf_io.CheckpointIndex, param_dtype) -> tuple[driver.ModelBlocks,
+                                                                          dict]:
+    """(the driver's view of a checkpoint on disk, its params outside the blocks)."""
+    np_dtype = np.dtype(param_dtype)
+    top = hf_io.read_params(index, None, np_dtype)
+    return driver.ModelBlocks(top["embed_tokens"],
+                              functools.partial(hf_io.read_params, index, np_dtype=np_dtype)), top
+
+
+def params_blocks(params: dict) -> tuple[driver.ModelBlocks, dict]:
+    """The same view of params in memory (a preset model)."""
+    return driver.blocks_of(params), {k: v for k, v in params.items() if k != "layers"}
+
+
+def mask_leaves(config: LlamaConfig) -> dict:
+    """The mask tree `driver.prune_model` would return, as `mask_io.mask_leaves` describes it."""
+    shapes = jax.tree_util.tree_flatten_with_path(
+        llama.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {path_name(p): (tuple(s) if is_target(path_name(p), DEFAULT_TARGETS) else None)
+            for p, s in shapes}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _head_nll(top: dict, x, tokens, config: LlamaConfig):
+    """Summed next-token NLL of final hidden states `x` (b, t, d) of windows `tokens`."""
+    x = layers.rms_norm(x, top["norm"], config.rms_norm_eps)
+    logits = jnp.dot(x, llama.output_weights(top).astype(x.dtype),
+                     preferred_element_type=jnp.float32)
+    return jnp.sum(token_nll(logits[:, :-1], tokens[:, 1:]))
+
+
+def _perplexity(top: dict, acts: driver.Activations, windows: np.ndarray, batch_size: int,
+                config: LlamaConfig) -> float | None:
+    """Perplexity over `windows` from their final hidden states; None when not finite."""
+    total = sum(float(_head_nll(top, acts.place(x), jnp.asarray(windows[i:i + batch_size]),
+                                config))
+                for i, x in zip(range(0, windows.shape[0], batch_size), acts.chunks,
+                                strict=True))
+    nll = total / (windows.shape[0] * (windows.shape[1] - 1))
+    return math.exp(nll) if math.isfinite(nll) and nll < 709.0 else None
+
+
+def _write_top(writer: ShardedWriter, top: dict, entries, np_dtype) -> None:
+    for name, path, _, transpose in entries:
+        w = np.asarray(hf_io.get_path(top, path)).astype(np_dtype, copy=False)
+        writer.add(name, np.ascontiguousarray(w.T if transpose else w))
+
+
+def prune_to_dir(blocks: driver.ModelBlocks, top: dict, config: LlamaConfig,
+                 windows: np.ndarray, spec: driver.PruneSpec, directory: str | Path, *,
+                 dtype: str, initial_masks: Callable | None = None, mesh=None, rules=None,
+                 eval_windows: np.ndarray | None = None, eval_batch_size: int = 8,
+                 progress: Callable | None = None) -> tuple[dict, float | None, float | None]:
+    """Prune `blocks` into `directory` (which exists): model.safetensors (or shards) in
+    `dtype`, masks/ and nothing else (the caller adds config and tokenizer files, the report).
+
+    Returns (the sparsity report, dense perplexity, pruned perplexity); the perplexities are
+    None without `eval_windows` (n, t) or when not finite. Process 0 writes; every process of
+    a multi-host run calls it.
+    """
+    directory = Path(directory)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    primary = jax.process_index() == 0
+    entries = hf_io.table_entries(config.num_layers, config.tie_word_embeddings)
+    writer = masks_out = None
+    if primary:
+        writer = ShardedWriter(directory, hf_io.hf_tensor_specs(config, dtype),
+                               max_shard_bytes=hf_io.DEFAULT_MAX_SHARD_BYTES,
+                               metadata={"format": "pt"})
+        masks_out = mask_io.MaskWriter(directory / "masks", mask_leaves(config))
+        _write_top(writer, top, [e for e in entries if e[1] == ("embed_tokens",)], np_dtype)
+    evals = None
+    if eval_windows is not None:
+        chunks = driver.embed_windows(top["embed_tokens"], eval_windows, config,
+                                      eval_batch_size)
+        evals = [driver.Activations(chunks, mesh, rules)] * 2  # dense, pruned
+    counts = []
+    for done in driver.prune_blocks(blocks, config, windows, spec, initial_masks=initial_masks,
+                                    mesh=mesh, rules=rules):
+        for name, path, layer, transpose in (e for e in entries if e[2] == done.layer):
+            leaf = path[1:]
+            w = sharding.host_array(hf_io.get_path(done.pruned, leaf))
+            m = hf_io.get_path(done.masks, leaf)
+            if np.ndim(m):
+                m = sharding.host_array(m)
+                w = np.where(m, w, np.zeros((), w.dtype))
+                counts.append(report_lib.tensor_counts("/".join(leaf), layer, w))
+                if primary:
+                    masks_out.add("/".join(path), layer, m)
+            if primary:
+                w = w.astype(np_dtype, copy=False)
+                writer.add(name, np.ascontiguousarray(w.T if transpose else w))
+        if evals is not None:
+            evals = [evals[0].advance(done.dense, config), evals[1].advance(done.pruned, config)]
+        if progress is not None:
+            progress(done.layer)
+    if primary:
+        _write_top(writer, top, [e for e in entries if e[2] is None
+                                 and e[1] != ("embed_tokens",)], np_dtype)
+        writer.close()
+        masks_out.close()
+    ppl = (None, None) if evals is None else tuple(
+        _perplexity(top, a, eval_windows, eval_batch_size, config) for a in evals)
+    return report_lib.summarize(counts), *ppl
