@@ -58,8 +58,8 @@ def test_streamed_prune_writes_what_the_in_memory_prune_saves(checkpoint, tmp_pa
 
     out = tmp_path / "streamed"
     out.mkdir()
-    blocks, top = stream.checkpoint_blocks(hf_io.open_checkpoint(ckpt), np.float32)
-    report, before, after = stream.prune_to_dir(blocks, top, config, windows, spec, out,
+    source = stream.checkpoint_source(hf_io.open_checkpoint(ckpt), np.float32)
+    report, before, after = stream.prune_to_dir(source, config, windows, spec, out,
                                                 dtype="float32", eval_windows=eval_windows,
                                                 eval_batch_size=2)
     hf_io.write_hf_metadata(config, out, dtype="float32")
@@ -76,25 +76,27 @@ def test_streamed_prune_writes_what_the_in_memory_prune_saves(checkpoint, tmp_pa
     assert after > before * 1.001  # the pruned model's own number, not the dense one again
 
 
-def test_the_stream_reads_each_block_once_and_only_when_it_is_pruned(checkpoint, tmp_path):
+def test_the_stream_reads_each_part_once_and_only_when_it_is_needed(checkpoint, tmp_path):
     _, ckpt, config, _, windows, _ = checkpoint
-    index = hf_io.open_checkpoint(ckpt)
-    blocks, top = stream.checkpoint_blocks(index, np.float32)
+    source = stream.checkpoint_source(hf_io.open_checkpoint(ckpt), np.float32)
     events = []
 
-    def block(i):
-        events.append(("read", i))
-        return blocks.block(i)
+    def logged(name, fn):
+        def read(*args):
+            events.append((name, *args))
+            return fn(*args)
+        return read
 
     def progress(i):
         events.append(("written", i))
 
-    stream.prune_to_dir(driver.ModelBlocks(blocks.embed_tokens, block), top, config, windows,
-                        _spec(config, "magnitude"), tmp_path, dtype="float32",
-                        progress=progress)
-    assert events == [(kind, i) for i in range(config.num_layers)
-                      for kind in ("read", "written")]
-    assert set(top) == {"embed_tokens", "norm", "lm_head"}  # no block is read up front
+    logged_source = stream.Source(*(logged(n, fn) for n, fn in zip(
+        ("embed", "read", "head"), source, strict=True)))
+    stream.prune_to_dir(logged_source, config, windows, _spec(config, "magnitude"), tmp_path,
+                        dtype="float32", progress=progress)
+    blocks = [(kind, i) for i in range(config.num_layers) for kind in ("read", "written")]
+    assert events == [("embed",), *blocks, ("head",)]
+    assert set(source.head()) == {"norm", "lm_head"}
 
 
 def test_masks_file_is_the_hf_layout_bit_packed(checkpoint, tmp_path, monkeypatch):
@@ -179,11 +181,11 @@ def test_a_sharded_checkpoint_streams_into_shards(checkpoint, tmp_path, monkeypa
     monkeypatch.setattr(hf_io, "DEFAULT_MAX_SHARD_BYTES", 40_000)
     sharded = hf_io.save_hf(params, config, tmp_path / "sharded", max_shard_bytes=30_000)
     assert (sharded / "model.safetensors.index.json").exists()
-    blocks, top = stream.checkpoint_blocks(hf_io.open_checkpoint(sharded), np.float32)
+    source = stream.checkpoint_source(hf_io.open_checkpoint(sharded), np.float32)
     out = tmp_path / "out"
     out.mkdir()
     spec = _spec(config, "magnitude")
-    stream.prune_to_dir(blocks, top, config, windows, spec, out, dtype="bfloat16")
+    stream.prune_to_dir(source, config, windows, spec, out, dtype="bfloat16")
     hf_io.write_hf_metadata(config, out, dtype="bfloat16")
     assert len(list(out.glob("model-*.safetensors"))) > 1
     _, loaded = hf_io.load_hf(out)

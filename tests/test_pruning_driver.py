@@ -138,9 +138,14 @@ def _ratios_by_hand(params, windows, m):
     return np.asarray(ratios), flat.size
 
 
+def _owl(params, windows):
+    inputs = driver.embed_windows(params["embed_tokens"], windows, CFG, 4)
+    return driver.owl_outlier_ratios(driver.blocks_of(params), inputs, CFG, m=2.0)
+
+
 def test_owl_ratios_come_from_a_dense_pass(model):
     params, windows = model
-    ratios = driver.owl_outlier_ratios(driver.blocks_of(params), CFG, windows, m=2.0, batch_size=4)
+    ratios = _owl(params, windows)
     want, size = _ratios_by_hand(params, windows, 2.0)
     assert np.all(want > 0)  # m = 2 leaves outliers in every block: the comparison has content
     # Fails on the wrong inputs (block 0's reused, or a pruned prefix), on ||X||^2 instead of
@@ -152,7 +157,7 @@ def test_owl_ratios_come_from_a_dense_pass(model):
     q = params["layers"]["self_attn"]["q_proj"]
     planted = {**params, "layers": {**params["layers"], "self_attn": {
         **params["layers"]["self_attn"], "q_proj": q.at[1, :4, :4].multiply(30.0)}}}
-    after = driver.owl_outlier_ratios(driver.blocks_of(planted), CFG, windows, m=2.0, batch_size=4)
+    after = _owl(planted, windows)
     assert after[0] == ratios[0] and after[1] != ratios[1]
     np.testing.assert_allclose(after, _ratios_by_hand(planted, windows, 2.0)[0], rtol=0,
                                atol=1.5 / size)

@@ -125,7 +125,8 @@ def test_perplexity_table_and_owl(trained):
         for method in ("sparsegpt", "wanda", "magnitude"):
             pruned = _prune(config, params, cal, method, (s,) * config.num_layers, n, m)
             table[(pattern, method)] = _ppl(config, pruned, windows)
-    ratios = driver.owl_outlier_ratios(driver.blocks_of(params), config, cal, m=5.0, batch_size=16)
+    inputs = driver.embed_windows(params["embed_tokens"], cal, config, 16)
+    ratios = driver.owl_outlier_ratios(driver.blocks_of(params), inputs, config, m=5.0)
     owl = profiles.owl(ratios, 0.7, 0.08)
     for method in ("sparsegpt", "wanda"):
         table[("70% OWL", method)] = _ppl(config, _prune(config, params, cal, method, owl),

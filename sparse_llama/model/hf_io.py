@@ -208,12 +208,15 @@ def _ours(t: np.ndarray, where: HFTensor, np_dtype) -> np.ndarray:
     return (t.T if where.transpose else t).astype(np_dtype, copy=False)
 
 
-def read_params(index: CheckpointIndex, layer: int | None, np_dtype) -> dict:
+def read_params(index: CheckpointIndex, layer: int | None, np_dtype,
+                names: tuple[str, ...] | None = None) -> dict:
     """Host params of one decoder block (`layer`; the structure of `llama.layer_params`), or
-    of everything outside the blocks (None: embeddings, final norm, lm_head), read tensor by
-    tensor: the rest of the checkpoint is never in memory (layer-streamed pruning)."""
+    of everything outside the blocks (None: embeddings, final norm, lm_head; `names` picks
+    some of them), read tensor by tensor: the rest of the checkpoint is never in memory
+    (layer-streamed pruning)."""
     out: dict = {}
-    names = [n for n, w in index.tensors.items() if w.layer == layer]
+    names = [n for n, w in index.tensors.items()
+             if w.layer == layer and (names is None or n in names)]
     for file in dict.fromkeys(index.files[n] for n in names):
         with _open(file) as f:
             for name in (n for n in names if index.files[n] == file):

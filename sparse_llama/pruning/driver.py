@@ -20,7 +20,7 @@ its solver. A silent fallback would write a model whose broken layer nobody noti
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,24 +161,17 @@ class Activations:
                             self.mesh, self.rules)
 
 
-class ModelBlocks(NamedTuple):
-    """Where the driver reads a model: the embeddings, and `block(i)` giving decoder block i's
-    weights (unstacked, `llama.layer_params`' structure; host or device arrays). A params tree
-    gives one (`blocks_of`); a checkpoint on disk another (pruning/stream.py), which reads
-    each block only when it is pruned."""
-
-    embed_tokens: Any
-    block: Callable[[int], dict]
-
-
-def blocks_of(params: dict) -> ModelBlocks:
-    return ModelBlocks(params["embed_tokens"], functools.partial(llama.layer_params, params))
+def blocks_of(params: dict) -> Callable[[int], dict]:
+    """`block(i)`: decoder block i's weights of a params tree (unstacked, a cheap slice). The
+    driver reads a model only through such a function (a checkpoint on disk gives another,
+    pruning/stream.py, that reads each block when it is pruned)."""
+    return functools.partial(llama.layer_params, params)
 
 
 def embed_windows(embed_tokens, windows: np.ndarray, config: LlamaConfig,
                   batch_size: int) -> list:
     """The block-0 inputs of `windows` (n, t), in micro-batches of `batch_size`."""
-    params = {"embed_tokens": embed_tokens}
+    params = {"embed_tokens": jnp.asarray(embed_tokens)}  # one host-to-device copy, not one per batch
     return [llama.embed(params, jnp.asarray(windows[i:i + batch_size]), config)
             for i in range(0, windows.shape[0], batch_size)]
 
@@ -205,21 +198,21 @@ def prune_linear(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask
     return new_w.T.astype(w_in_out.dtype), new_mask.T
 
 
-def owl_outlier_ratios(blocks: ModelBlocks, config: LlamaConfig, windows: np.ndarray, *,
-                       m: float, batch_size: int = 8, mesh: Mesh | None = None, rules=None,
+def owl_outlier_ratios(block: Callable[[int], dict], inputs: list, config: LlamaConfig, *,
+                       m: float, mesh: Mesh | None = None, rules=None,
                        progress: Callable | None = None) -> list[float]:
     """OWL's D_l for every block, from a dense pass over the calibration windows.
 
     All layer sparsities depend on every D_l (min/max normalisation), so they are measured
     before any pruning, on the dense model, as the published OWL implementation does.
+    inputs: the calibration windows' block-0 inputs (`embed_windows`).
     """
-    acts = Activations(embed_windows(blocks.embed_tokens, windows, config, batch_size), mesh,
-                        rules)
+    acts = Activations(inputs, mesh, rules)
     place = _placement(mesh)
     ratios = []
     for i in range(config.num_layers):
         acts.check_finite(i)
-        p = jax.device_put(blocks.block(i), place)
+        p = jax.device_put(block(i), place)
         norms = acts.stats(p, config, tuple(GROUPS), "sqnorm")
         # Stored (in, out): input feature j is row j, hence norms[:, None].
         metrics = {name: jnp.abs(_module_get(p, name)) * jnp.sqrt(norms[g])[:, None]
@@ -245,22 +238,24 @@ def _placement(mesh: Mesh | None):
 
 class PrunedBlock(NamedTuple):
     layer: int
-    dense: dict  # the block as read (device arrays)
+    dense: dict | None  # the block as read (device arrays), with keep_dense=True
     pruned: dict  # its pruned weights: pruned entries are exact zeros
     masks: dict  # the block's masks (0-d True for untargeted leaves)
 
 
-def prune_blocks(blocks: ModelBlocks, config: LlamaConfig, windows: np.ndarray,
+def prune_blocks(block: Callable[[int], dict], inputs: list, config: LlamaConfig,
                  spec: PruneSpec, *, initial_masks: Callable[[int, dict], dict] | None = None,
-                 mesh: Mesh | None = None, rules=None,
-                 linear_pass: LinearPass | None = None) -> Iterator[PrunedBlock]:
+                 mesh: Mesh | None = None, rules=None, linear_pass: LinearPass | None = None,
+                 keep_dense: bool = False) -> Iterator[PrunedBlock]:
     """Prune the model block by block, yielding each block as soon as it is done.
 
     Only one block's weights, its masks and the calibration activations are live here: the
     caller decides what to keep (`prune_model` stacks them; pruning/stream.py writes them to
-    disk and lets them go). initial_masks(i, block) -> the masks the block starts from (what
+    disk and lets them go). block(i): the block's weights (host or device arrays); inputs:
+    block 0's inputs, the calibration windows embedded (`embed_windows`). initial_masks(i, block) -> the masks the block starts from (what
     they prune stays pruned); default all True. linear_pass: solve the linears with its
-    `solve` (and `prepare` each block) instead of `spec.method`.
+    `solve` (and `prepare` each block) instead of `spec.method`. keep_dense: yield the block
+    as read too (otherwise each dense weight is freed as soon as its pruned one replaces it).
     """
     if len(spec.layer_sparsity) != config.num_layers:
         raise ValueError(f"{len(spec.layer_sparsity)} layer sparsities for a model with "
@@ -268,15 +263,15 @@ def prune_blocks(blocks: ModelBlocks, config: LlamaConfig, windows: np.ndarray,
     kind = METHOD_STATS[spec.method] if linear_pass is None else linear_pass.stat
     overrides = dict(spec.module_sparsity)
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
-    acts = Activations(embed_windows(blocks.embed_tokens, windows, config, spec.batch_size),
-                        mesh, rules)
+    acts = Activations(inputs, mesh, rules)
+    del inputs  # advanced block by block: the embedded windows are not kept
     place = _placement(mesh)
     for i in range(config.num_layers):
         acts.check_finite(i)
-        dense = jax.device_put(blocks.block(i), place)
-        layer_masks = dense_masks(dense) if initial_masks is None else initial_masks(i, dense)
+        p = jax.device_put(block(i), place)
+        layer_masks = dense_masks(p) if initial_masks is None else initial_masks(i, p)
         layer_masks = jax.device_put(layer_masks, place)
-        p = dense
+        dense = p if keep_dense else None
         if linear_pass is not None and linear_pass.prepare is not None:
             p = linear_pass.prepare(i, p, functools.partial(acts.stats, p, config))
         for stage in stages:
@@ -332,7 +327,8 @@ def prune_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec: Pr
     """
     masks = dense_masks(params) if masks is None else masks
     new_params, new_masks = [], []
-    for done in prune_blocks(blocks_of(params), config, windows, spec,
+    inputs = embed_windows(params["embed_tokens"], windows, config, spec.batch_size)
+    for done in prune_blocks(blocks_of(params), inputs, config, spec,
                              initial_masks=lambda i, _: llama.layer_params(masks, i),
                              mesh=mesh, rules=rules, linear_pass=linear_pass):
         new_params.append(done.pruned)

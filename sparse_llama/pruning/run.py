@@ -91,8 +91,10 @@ def check_calibration_and_outputs(config: ml_collections.ConfigDict) -> None:
                          "checkpoint being pruned; choose another --config.output_dir")
 
 
-def layer_sparsities(config, blocks: driver.ModelBlocks, model: LlamaConfig, windows, mesh,
+def layer_sparsities(config, block, embed_tokens, model: LlamaConfig, windows, mesh,
                      rules) -> np.ndarray:
+    """Each block's sparsity; OWL's come from a dense pass over the calibration windows
+    (`block(i)`: block i's weights; `embed_tokens()`: the embedding table, read only then)."""
     p, n_layers = config.pruning, model.num_layers
     if p.n:
         return profiles.uniform(n_layers, p.n / p.m)
@@ -103,9 +105,10 @@ def layer_sparsities(config, blocks: driver.ModelBlocks, model: LlamaConfig, win
     # A context manager: an error inside closes the bar first, so the command's `error:` line
     # stays the last line of stderr.
     with tqdm(total=n_layers, desc="OWL outlier ratios", unit="layer") as bar:
-        ratios = driver.owl_outlier_ratios(
-            blocks, model, windows, m=p.owl_m, batch_size=config.calibration.batch_size,
-            mesh=mesh, rules=rules, progress=lambda _: bar.update())
+        inputs = driver.embed_windows(embed_tokens(), windows, model,
+                                      config.calibration.batch_size)
+        ratios = driver.owl_outlier_ratios(block, inputs, model, m=p.owl_m, mesh=mesh,
+                                           rules=rules, progress=lambda _: bar.update())
     logging.info("OWL outlier ratios: %s", np.round(ratios, 4).tolist())
     return profiles.owl(ratios, p.sparsity, p.owl_lambda)
 
@@ -168,16 +171,16 @@ def load_inputs(config: ml_collections.ConfigDict):
     return windows, bundle, perplexity
 
 
-def _model_source(model_cfg: ml_collections.ConfigDict, model: LlamaConfig):
-    """(ModelBlocks, params outside the blocks): read block by block from model.hf_path
-    (only the headers now), or a preset model in memory. A compressed-tensors checkpoint is
-    dequantized whole (its int8 layout is not read block by block)."""
+def _model_source(model_cfg: ml_collections.ConfigDict) -> stream.Source:
+    """The model read block by block from model.hf_path (only the headers now), or a preset
+    model in memory. A compressed-tensors checkpoint is dequantized whole (its int8 layout is
+    not read block by block)."""
     from sparse_llama.quant import compressed_tensors
 
     if model_cfg.hf_path and not compressed_tensors.is_compressed_tensors(model_cfg.hf_path):
-        return stream.checkpoint_blocks(hf_io.open_checkpoint(model_cfg.hf_path),
+        return stream.checkpoint_source(hf_io.open_checkpoint(model_cfg.hf_path),
                                         jnp.dtype(model_cfg.param_dtype))
-    return stream.params_blocks(loading.load_model(model_cfg).params)
+    return stream.params_source(loading.load_model(model_cfg).params)
 
 
 def prune_spec(config: ml_collections.ConfigDict, sparsities) -> driver.PruneSpec:
@@ -206,6 +209,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         return quant_run.run(config)
     check_prune_config(config)
     check_against_model(config)
+    stream.return_freed_memory()  # before the first large buffer
     start = time.time()
     model = loading.model_config(config.model)
     tokenizer, tokenizer_dir = _tokenizer(config.model)
@@ -217,20 +221,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
         eval_windows = perplexity_lib.token_windows(tokenizer.encode(eval_text),
                                                     config.eval.seq_len)
         perplexity_lib.check_token_ids(eval_windows, model.vocab_size)
-    blocks, top = _model_source(config.model, model)
+    source = _model_source(config.model)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    sparsities = layer_sparsities(config, blocks, model, windows, mesh, rules)
+    sparsities = layer_sparsities(config, source.block, source.embed, model, windows, mesh,
+                                  rules)
     p = config.pruning
     spec = prune_spec(config, sparsities)
-    dtype = config.save_dtype or np.dtype(top["embed_tokens"].dtype).name
+    dtype = config.save_dtype or config.model.param_dtype
     hf_io.check_save_dtype(dtype)
     initial = (lambda _, block: masks_lib.masks_from_zeros(block)) if p.keep_zeros else None
-    out = os.path.abspath(config.output_dir)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(
-            os.path.join(out, "config.json")):
-        raise FileExistsError(f"{out} exists and is not a checkpoint directory; refusing to "
-                              "replace it (choose another output directory)")
+    out = os.path.abspath(config.output_dir)  # checked by check_calibration_and_outputs
     result = {}
 
     def write(staging):
@@ -238,7 +239,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         with (tqdm(total=model.num_layers, desc=f"{p.method} pruning", unit="layer") as bar,
               CompileClock() as compiles):
             report, before, after = stream.prune_to_dir(
-                blocks, top, model, windows, spec, staging, dtype=dtype, initial_masks=initial,
+                source, model, windows, spec, staging, dtype=dtype, initial_masks=initial,
                 mesh=mesh, rules=rules, eval_windows=eval_windows,
                 eval_batch_size=config.eval.batch_size, progress=lambda _: bar.update())
         report["layer_targets"] = [float(s) for s in sparsities]

@@ -13,10 +13,12 @@ each window set's hidden states advance through the block as read and the block 
 the head scores them at the end (the computation of `llama.forward`, block by block).
 """
 
+import ctypes
 import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +34,43 @@ from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
 from sparse_llama.train.loss import token_nll
 
 
-def checkpoint_blocks(index: hf_io.CheckpointIndex, param_dtype) -> tuple[driver.ModelBlocks,
-                                                                          dict]:
-    """(the driver's view of a checkpoint on disk, its params outside the blocks)."""
-    np_dtype = np.dtype(param_dtype)
-    top = hf_io.read_params(index, None, np_dtype)
-    return driver.ModelBlocks(top["embed_tokens"],
-                              functools.partial(hf_io.read_params, index, np_dtype=np_dtype)), top
+class Source(NamedTuple):
+    """A model to prune: `embed()` (embed_tokens), `block(i)` and `head()` (the final norm
+    and lm_head when untied), each read when called, so nothing is held longer than needed."""
+
+    embed: Callable[[], Any]
+    block: Callable[[int], dict]
+    head: Callable[[], dict]
 
 
-def params_blocks(params: dict) -> tuple[driver.ModelBlocks, dict]:
-    """The same view of params in memory (a preset model)."""
-    return driver.blocks_of(params), {k: v for k, v in params.items() if k != "layers"}
+def return_freed_memory() -> None:
+    """Have glibc give freed buffers of 1 MB and more back to the system at once.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to
+    32 MB), after which blocks of that size come from its heap and stay resident when freed:
+    block after block, ~0.4 GB of the streamed pruner's peak on a 1.35B model was memory it
+    had already let go (measured: 2.09 -> 1.68 GB). Other C libraries: nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
+def checkpoint_source(index: hf_io.CheckpointIndex, param_dtype) -> Source:
+    """A checkpoint on disk, read tensor by tensor."""
+    read = functools.partial(hf_io.read_params, index, np_dtype=np.dtype(param_dtype))
+    return Source(lambda: read(None, names=("model.embed_tokens.weight",))["embed_tokens"],
+                  read, lambda: read(None, names=("model.norm.weight", "lm_head.weight")))
+
+
+def params_source(params: dict) -> Source:
+    """A params tree in memory (a preset model)."""
+    return Source(lambda: params["embed_tokens"], driver.blocks_of(params),
+                  lambda: {k: v for k, v in params.items() if k in ("norm", "lm_head")})
 
 
 def mask_leaves(config: LlamaConfig) -> dict:
@@ -74,23 +101,24 @@ def _perplexity(top: dict, acts: driver.Activations, windows: np.ndarray, batch_
     return math.exp(nll) if math.isfinite(nll) and nll < 709.0 else None
 
 
-def _write_top(writer: ShardedWriter, top: dict, entries, np_dtype) -> None:
+def _write_top(writer: ShardedWriter | None, top: dict, entries, np_dtype) -> None:
     for name, path, _, transpose in entries:
-        w = np.asarray(hf_io.get_path(top, path)).astype(np_dtype, copy=False)
-        writer.add(name, np.ascontiguousarray(w.T if transpose else w))
+        if writer is not None and path[0] in top:
+            w = np.asarray(hf_io.get_path(top, path)).astype(np_dtype, copy=False)
+            writer.add(name, np.ascontiguousarray(w.T if transpose else w))
 
 
-def prune_to_dir(blocks: driver.ModelBlocks, top: dict, config: LlamaConfig,
-                 windows: np.ndarray, spec: driver.PruneSpec, directory: str | Path, *,
+def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray, spec: driver.PruneSpec, directory: str | Path, *,
                  dtype: str, initial_masks: Callable | None = None, mesh=None, rules=None,
                  eval_windows: np.ndarray | None = None, eval_batch_size: int = 8,
                  progress: Callable | None = None) -> tuple[dict, float | None, float | None]:
-    """Prune `blocks` into `directory` (which exists): model.safetensors (or shards) in
+    """Prune `source` into `directory` (which exists): model.safetensors (or shards) in
     `dtype`, masks/ and nothing else (the caller adds config and tokenizer files, the report).
 
     Returns (the sparsity report, dense perplexity, pruned perplexity); the perplexities are
     None without `eval_windows` (n, t) or when not finite. Process 0 writes; every process of
-    a multi-host run calls it.
+    a multi-host run calls it. The embeddings are written and let go before the first block
+    is read, the final norm and lm_head read after the last one.
     """
     directory = Path(directory)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -102,15 +130,18 @@ def prune_to_dir(blocks: driver.ModelBlocks, top: dict, config: LlamaConfig,
                                max_shard_bytes=hf_io.DEFAULT_MAX_SHARD_BYTES,
                                metadata={"format": "pt"})
         masks_out = mask_io.MaskWriter(directory / "masks", mask_leaves(config))
-        _write_top(writer, top, [e for e in entries if e[1] == ("embed_tokens",)], np_dtype)
+    embed = jnp.asarray(source.embed())
+    _write_top(writer, {"embed_tokens": embed}, entries[:1], np_dtype)
     evals = None
     if eval_windows is not None:
-        chunks = driver.embed_windows(top["embed_tokens"], eval_windows, config,
-                                      eval_batch_size)
+        chunks = driver.embed_windows(embed, eval_windows, config, eval_batch_size)
         evals = [driver.Activations(chunks, mesh, rules)] * 2  # dense, pruned
+    inputs = driver.embed_windows(embed, windows, config, spec.batch_size)
+    del embed  # the windows are embedded: the table is not needed again
     counts = []
-    for done in driver.prune_blocks(blocks, config, windows, spec, initial_masks=initial_masks,
-                                    mesh=mesh, rules=rules):
+    for done in driver.prune_blocks(source.block, inputs, config, spec,
+                                    initial_masks=initial_masks,
+                                    mesh=mesh, rules=rules, keep_dense=evals is not None):
         for name, path, layer, transpose in (e for e in entries if e[2] == done.layer):
             leaf = path[1:]
             w = sharding.host_array(hf_io.get_path(done.pruned, leaf))
@@ -128,11 +159,13 @@ def prune_to_dir(blocks: driver.ModelBlocks, top: dict, config: LlamaConfig,
             evals = [evals[0].advance(done.dense, config), evals[1].advance(done.pruned, config)]
         if progress is not None:
             progress(done.layer)
+    head = source.head()
+    _write_top(writer, head, entries[-len(head):], np_dtype)
     if primary:
-        _write_top(writer, top, [e for e in entries if e[2] is None
-                                 and e[1] != ("embed_tokens",)], np_dtype)
         writer.close()
         masks_out.close()
+    if config.tie_word_embeddings and evals is not None:
+        head = {**head, "embed_tokens": source.embed()}
     ppl = (None, None) if evals is None else tuple(
-        _perplexity(top, a, eval_windows, eval_batch_size, config) for a in evals)
+        _perplexity(head, a, eval_windows, eval_batch_size, config) for a in evals)
     return report_lib.summarize(counts), *ppl

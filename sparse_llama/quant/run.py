@@ -100,8 +100,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     prune = None
     if "pruning" in config:
         prune = prune_run.prune_spec(
-            config, prune_run.layer_sparsities(config, driver.blocks_of(bundle.params),
-                                               bundle.config, windows, mesh, rules))
+            config, prune_run.layer_sparsities(
+                config, driver.blocks_of(bundle.params), lambda: bundle.params["embed_tokens"],
+                bundle.config, windows, mesh, rules))
     existing = masks_lib.masks_from_zeros(bundle.params)
     quant_start = time.time()
     with tqdm(total=bundle.config.num_layers, desc=f"{spec.method} int{spec.bits}",
