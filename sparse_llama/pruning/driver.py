@@ -117,6 +117,13 @@ def _tap_stats(p: dict, x, states: dict, config: LlamaConfig, kind: str) -> dict
     return {g: accumulate(state, taps[g].astype(jnp.float32)) for g, state in states.items()}
 
 
+@jax.jit
+def _count_nonfinite(chunks: list):
+    """NaN/inf entries of all micro-batches: one program and one sync, not three eager ops
+    and one sync per micro-batch."""
+    return sum(jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in chunks)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _block_out(p: dict, x, config: LlamaConfig):
     cos, sin, mask = llama.rope_and_mask(x.shape[:2], config)
@@ -131,7 +138,9 @@ class Activations:
 
     def place(self, x):
         if self.mesh is None:
-            return x
+            # Committed like the weights (`_placement`): an uncommitted block-0 input and
+            # committed later ones would compile _tap_stats and _block_out twice each.
+            return jax.device_put(x, _placement(None))
         if x.shape[0] % sharding.batch_width(self.mesh, self.rules):
             return x  # a last, partial micro-batch that does not split evenly: not sharded
         return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, ndim=3))
@@ -141,14 +150,15 @@ class Activations:
         init, _, finalize = _STATS[kind]
         widths = {"qkv": config.hidden_size, "o_proj": config.q_width,
                   "gate_up": config.hidden_size, "down_proj": config.intermediate_size}
-        states = {g: init(widths[g]) for g in groups}
+        # Placed as _tap_stats' outputs will be: one compile, not one for the first call.
+        states = jax.device_put({g: init(widths[g]) for g in groups}, _placement(self.mesh))
         for x in self.chunks:
             states = _tap_stats(p, self.place(x), states, config, kind)
         return {g: finalize(state) for g, state in states.items()}
 
     def check_finite(self, block: int) -> None:
         """Raise NonFiniteError when the inputs of `block` hold NaN/inf."""
-        bad = sum(int(jnp.sum(~jnp.isfinite(x))) for x in self.chunks)
+        bad = int(_count_nonfinite([self.place(x) for x in self.chunks]))
         if bad:
             source = ("the token embeddings (model.embed_tokens.weight)" if block == 0
                       else f"the output of block {block - 1}")
@@ -182,14 +192,15 @@ def _tensor_name(block: int, name: str) -> str:
 
 
 def prune_linear(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
-    """Prune one linear stored (in, out); the solvers take Hugging Face (out, in)."""
-    w = w_in_out.T.astype(jnp.float32)
-    mask = None if mask_in_out is None or mask_in_out.ndim == 0 else mask_in_out.T
-    if method == "sparsegpt":
-        new_w, new_mask = sparsegpt.prune_layer(
-            w, stat, sparsity=sparsity, n=spec.n, m=spec.m, block_size=spec.block_size,
-            dampening=spec.dampening, mask=mask)
-    elif method == "wanda":
+    """Prune one linear stored (in, out). SparseGPT takes that layout as it is (its sweep's
+    own); Wanda and magnitude take Hugging Face (out, in)."""
+    mask = None if mask_in_out is None or mask_in_out.ndim == 0 else mask_in_out
+    if method == "sparsegpt":  # no transposes: four eager programs per shape fewer
+        return sparsegpt.prune_layer(
+            w_in_out, stat, sparsity=sparsity, n=spec.n, m=spec.m, block_size=spec.block_size,
+            dampening=spec.dampening, mask=mask, layout="in_out")
+    w, mask = w_in_out.T.astype(jnp.float32), None if mask is None else mask.T
+    if method == "wanda":
         new_w, new_mask = wanda.prune_layer(w, stat, sparsity=sparsity, n=spec.n, m=spec.m,
                                             mask=mask)
     else:

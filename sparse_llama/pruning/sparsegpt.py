@@ -7,26 +7,34 @@ The algorithm, its defaults and where we differ from the published code by conve
 weights in the same sweep; `quantize_layer` is GPTQ (quantize only). Both run the one jitted
 `_sweep` and differ only in how a column's target value q is chosen.
 
-Layout and cost. The factor U (upper, U^T U = H^-1) comes from a recursive blocked
-factorisation that is almost all matmuls (`_inverse_factor`). The sweep works on W^T (in, out)
-so that a weight column is a contiguous row. Columns go in blocks of `block_size` (the
-algorithm's B: the unstructured comparison group and the lazy-update granularity). Inside a
-block, columns go in sub-blocks of <= 16 (Python-unrolled rank-1 updates on a cache-sized
-(16, out) slab), then one small matmul carries a sub-block's errors to the rest of its block:
-mathematically the same as per-column updates of the whole block, with far less memory traffic.
-After a block, the lazy update of the remaining columns runs as one (B, B) x (B, out) matmul
-per later block, in a loop with a dynamic trip count, so the flops stay triangular
-(~out * in^2 in all) while every shape stays static: one compile serves every layer of a
-shape, whatever its sparsity. The in-width is padded to a multiple of B with dead columns
-(weight 0, U = identity there) that are excluded from selection. Measured on a 2-core CPU
-(benchmarks/sparsegpt.py): about 1-2x the time of one (out, in) x (in, in) matmul for Llama-7B
-shapes, ~3-4x at 1024 x 1024 where the 1024 sequential column steps dominate.
+Layout and cost. The factor U (upper, U^T U = H^-1) comes from a blocked factorisation that
+is almost all matmuls (`_inverse_factor`). The sweep works on W^T (in, out) so that a weight
+column is a contiguous row (`layout="in_out"` takes and returns that layout directly, as this
+project stores a linear: no transposes). Columns go in blocks of `block_size` (the algorithm's
+B: the unstructured comparison group and the lazy-update granularity). Inside a block,
+columns go in sub-blocks of <= 16 (a loop of rank-1 updates on a cache-sized (16, out) slab),
+then one small matmul carries a sub-block's errors to the rest of its block: mathematically
+the same as per-column updates of the whole block, with far less memory traffic. After a
+block, the lazy update of the remaining columns runs as one (B, B) x (B, out) matmul per later
+block, in a loop with a dynamic trip count, so the flops stay triangular (~out * in^2 in all)
+while every shape stays static: one compile serves every layer of a shape, whatever its
+sparsity. The in-width is padded to a multiple of B with dead columns (weight 0, U = identity
+there) that are excluded from selection. Measured on a 2-core CPU (benchmarks/sparsegpt.py):
+about 2x the time of one (out, in) x (in, in) matmul for Llama-7B shapes, ~3x at 1024 x 1024
+where the 1024 sequential column steps dominate.
+
+Compile time. Every loop is a real loop (nothing unrolled over columns or factorisation
+leaves), so the two programs of a layer shape, `_factor` and `_sweep`, compile in about 0.4-0.6
+s and 0.7 s on a 2-core CPU up to a few thousand inputs (unrolled, they took 1-4 s and 3-5 s),
+and no other program runs per call: a small model's cold prune is not dominated by compiles.
 
 Failure path: a NaN or inf in the weight or the Hessian raises `NonFiniteError` (the driver
 adds the layer and tensor): a silent fallback would write a model with an unnoticed broken
-layer. A finite Hessian whose factorisation fails (rounding makes it indefinite) is retried
-with 10x, 100x, 1000x dampening and then the identity (no error compensation), with a warning:
-the factorisation is a separate jitted step that returns a success flag.
+layer. The NaN/inf counts ride along in `_factor` (the Hessian's) and `_sweep` (the weight's);
+the eager `check_finite`, which names the count, runs only once one is non-zero. A finite
+Hessian whose factorisation fails (rounding makes it indefinite) is retried with 10x, 100x,
+1000x dampening and then the identity (no error compensation), with a warning: the
+factorisation is a separate jitted step that returns a success flag.
 """
 
 import functools
@@ -48,26 +56,22 @@ from sparse_llama.pruning.magnitude import (
 )
 from sparse_llama.pruning.quantize import QuantGrid, fake_quantize, minmax_grid
 
-_SUB = 16  # columns per unrolled sub-block
-_LEAF = 128  # Cholesky leaf size of the recursive factorisation
+_SUB = 16  # columns per sub-block of the sweep
+_LEAF = 128  # block of the factorisation: one sequential elimination loop of this size
+_BASE = 1024  # sizes up to this factorise in one blocked loop; larger ones split recursively
 
 
-def _split(size: int) -> int:
-    """Where the recursive factorisation splits `size`: near the middle, on a _LEAF boundary."""
-    return -(-(size // 2) // _LEAF) * _LEAF if size > 2 * _LEAF else size // 2
+def _leaf_cholesky_inverse(a):
+    """L^-1 for a small a = L L^T (L lower), as column-by-column elimination on [a | I].
 
-
-def _leaf_inverse_factor(a):
-    """U upper triangular with U^T U = a^-1 for a small a, in plain XLA ops.
-
-    Cholesky of the order-reversed a as symmetric elimination on [S | M] = [P a P | I]: each
-    step subtracts l r^T with r = row_j / sqrt(pivot), which eliminates column j of S and
-    applies the same elementary step to M, so M ends as L^-1 and U = P L^-1 P. Not LAPACK:
-    XLA's CPU potrf/trsm custom calls go to a multithreaded OpenBLAS whose threads fight XLA's
-    own for the cores and stall erratically (0.3 ms or 130 ms for the same 256 x 256 call).
+    Each step j subtracts l r^T with r = row_j / sqrt(pivot), which eliminates column j of the
+    left part and applies the same elementary step to the right part, so it ends as L^-1.
+    Plain XLA ops, not LAPACK: XLA's CPU potrf/trsm custom calls go to a multithreaded OpenBLAS
+    whose threads fight XLA's own for the cores and stall erratically (0.3 ms or 130 ms for the
+    same 256 x 256 call; 0.5 s for 688 x 688 on a 2-core CPU).
     """
     size = a.shape[0]
-    t = jnp.concatenate([a[::-1, ::-1], jnp.eye(size, dtype=a.dtype)], axis=1)
+    t = jnp.concatenate([a, jnp.eye(size, dtype=a.dtype)], axis=1)
     idx = jnp.arange(size)
 
     def step(j, t):
@@ -76,37 +80,87 @@ def _leaf_inverse_factor(a):
         col = lax.dynamic_index_in_dim(t, j, axis=1, keepdims=False)
         lower = jnp.where(idx > j, col / root, 0.0)
         r = row / root
-        # Row j of S is never read again, so it may keep r's S part.
+        # Row j of the left part is never read again, so it may keep r's left part.
         return lax.dynamic_update_index_in_dim(t - lower[:, None] * r[None, :], r, j, 0)
 
-    t = lax.fori_loop(0, size, step, t)
-    return jnp.triu(t[:, size:][::-1, ::-1])
+    return jnp.tril(lax.fori_loop(0, size, step, t)[:, size:])
+
+
+def _blocked_cholesky_inverse(a):
+    """L^-1 for a = L L^T, size a multiple of _LEAF: the leaf's elimination by blocks of rows.
+
+    Step k factors the current pivot block (L_kk^-1 by the leaf), scales block row k of
+    [a | I] by it and eliminates block column k below it with one rank-_LEAF matmul. Block row
+    k's live entries are its left part from column k on and its right part up to column k:
+    one window of size + _LEAF columns, so the update costs ~2 size^3 flops in all, with one
+    compiled loop body whatever the size (a recursion unrolls one loop per leaf).
+    """
+    size, leaf = a.shape[0], _LEAF
+    t = jnp.concatenate([a, jnp.eye(size, dtype=a.dtype)], axis=1)
+    below = jnp.arange(size)[:, None]
+
+    def step(k, t):
+        start = k * leaf
+        rows = lax.dynamic_slice(t, (start, start), (leaf, size + leaf))
+        inv = _leaf_cholesky_inverse(rows[:, :leaf])
+        rows = inv @ rows
+        col = lax.dynamic_slice(t, (0, start), (size, leaf))
+        col = jnp.where(below >= start + leaf, col, 0.0) @ inv.T  # L below the pivot
+        window = lax.dynamic_slice(t, (0, start), (size, size + leaf)) - col @ rows
+        t = lax.dynamic_update_slice(t, window, (0, start))
+        return lax.dynamic_update_slice(t, rows, (start, start))
+
+    return jnp.tril(lax.fori_loop(0, size // leaf, step, t)[:, size:])
+
+
+def _split(size: int) -> int:
+    """Where the recursion splits `size` (a multiple of _LEAF): near the middle, on a _LEAF
+    boundary."""
+    return -(-(size // 2) // _LEAF) * _LEAF
+
+
+def _cholesky_inverse(a):
+    """L^-1 for a = L L^T, size a multiple of _LEAF; recursive on 2x2 blocks above _BASE.
+
+    With a = [[A, B^T], [B, C]]: L11 = chol(A), L21 = B L11^-T, L22 = chol(C - L21 L21^T),
+    and (L^-1)21 = -L22^-1 L21 L11^-1: all but the base cases run as matmuls (~size^3 / 3
+    flops at the top levels). Static shapes: the recursion unrolls at trace time.
+    """
+    size = a.shape[0]
+    if size <= _BASE:
+        return _blocked_cholesky_inverse(a)
+    half = _split(size)
+    inv11 = _cholesky_inverse(a[:half, :half])
+    l21 = a[half:, :half] @ inv11.T
+    inv22 = _cholesky_inverse(a[half:, half:] - l21 @ l21.T)
+    inv21 = -(inv22 @ l21) @ inv11
+    top = jnp.concatenate([inv11, jnp.zeros((half, size - half), a.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([inv21, inv22], axis=1)], axis=0)
 
 
 def _inverse_factor(h):
-    """U upper triangular with U^T U = h^-1, recursively on 2x2 blocks, mostly as matmuls.
+    """U upper triangular with U^T U = h^-1: U = P L^-1 P with P h P = L L^T (P reverses).
 
-    With h = [[A, B^T], [B, C]] and h = R R^T, R = U^-1 upper triangular ("UL" Cholesky):
-    R22 R22^T = C, R12 = B^T R22^-T, R11 R11^T = A - R12 R12^T, and U12 = -U11 R12 U22.
-    By uniqueness of Cholesky factors this is the reference's chol(inv(chol(H))) factor,
-    without forming H^-1; all but the O(in * _LEAF^2) leaf work runs as matmuls. Static
-    shapes: the recursion unrolls at trace time (in / _LEAF leaves).
+    (h = R R^T with R = U^-1 upper is the "UL" Cholesky of h, i.e. the Cholesky of the
+    order-reversed h read backwards.) By uniqueness of Cholesky factors this is the
+    reference's chol(inv(chol(H))) factor, without forming H^-1. The size is padded to a
+    multiple of _LEAF with an identity block, which decouples exactly (U gets an identity
+    block there, cut off again).
     """
     size = h.shape[0]
-    if size <= _LEAF:
-        return _leaf_inverse_factor(h)
-    half = _split(size)
-    u22 = _inverse_factor(h[half:, half:])
-    r12 = h[:half, half:] @ u22.T
-    u11 = _inverse_factor(h[:half, :half] - r12 @ r12.T)
-    u12 = -(u11 @ r12) @ u22
-    bottom = jnp.concatenate([jnp.zeros((size - half, half), h.dtype), u22], axis=1)
-    return jnp.concatenate([jnp.concatenate([u11, u12], axis=1), bottom], axis=0)
+    padded = -(-size // _LEAF) * _LEAF
+    a = h[::-1, ::-1]
+    if padded != size:
+        a = jnp.pad(a, ((0, padded - size), (0, padded - size)))
+        a = a + jnp.diag((jnp.arange(padded) >= size).astype(a.dtype))
+    return _cholesky_inverse(a)[:size, :size][::-1, ::-1]
 
 
 @jax.jit
 def _factor(hessian, damp_ratio):
-    """(U, dead, ok): U upper triangular with U^T U = (H + lambda I)^-1 after the dead fix."""
+    """(U, dead, ok, bad): U upper triangular with U^T U = (H + lambda I)^-1 after the dead
+    fix; bad counts the Hessian's NaN/inf entries (the check rides along: a separate check
+    would be one more program to compile per shape)."""
     with jax.default_matmul_precision("float32"):
         h = hessian.astype(jnp.float32)
         d = jnp.diagonal(h)
@@ -116,7 +170,7 @@ def _factor(hessian, damp_ratio):
         h = h + jnp.diag(d_fixed - d + damp_ratio * jnp.mean(d_fixed))
         u = _inverse_factor(h)
         ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diagonal(u) > 0)
-    return u, dead, ok
+    return u, dead, ok, jnp.sum(~jnp.isfinite(hessian), dtype=jnp.int32)
 
 
 def _sub_size(block: int, m: int) -> int:
@@ -124,11 +178,6 @@ def _sub_size(block: int, m: int) -> int:
     unit = max(m, 1)
     return max(s for s in range(unit, block + 1, unit)
                if block % s == 0 and s <= max(_SUB, unit))
-
-
-def _column_grid(grid: QuantGrid, j: int) -> QuantGrid:
-    """Column j's grid from per-column grids (scale, zero: (S, out)): GPTQ's group grids."""
-    return QuantGrid(grid.scale[j][:, None], grid.zero[j][:, None], grid.qmin, grid.qmax)
 
 
 def _group_grids(w1, bits: int, sym: bool, group: int):
@@ -146,55 +195,87 @@ def _group_grids(w1, bits: int, sym: bool, group: int):
 
 
 def _columns(ws, us, kp, ks, grid, *, pattern, n, m, col_grid=None):
-    """The per-column OBS steps of one sub-block, unrolled. ws, kp, ks: (S, out); us: (S, S).
+    """The per-column OBS steps of one sub-block, as a loop. ws, kp, ks: (S, out); us: (S, S).
 
     kp: the selection so far (True = kept); ks: the mask being extended (or None).
-    col_grid: per-column grids (scale, zero: (S, out)) instead of the one per-row `grid`."""
+    col_grid: per-column grids (scale, zero: (S, out)) instead of the one per-row `grid`.
+    Returns (ws with its columns final, kp, the columns' errors (S, out)).
+    A loop, not unrolled: one small body compiles in a fraction of the time that 16 unrolled
+    steps took (most of a layer shape's compile: 2.5-5 s down to ~0.7 s per shape on a
+    2-core CPU), at about the same run time.
+    """
     size = ws.shape[0]
+    idx = jnp.arange(size)
     d = jnp.diagonal(us)
-    errs = []
-    for j in range(size):
-        if pattern == "nm" and j % m == 0:
-            # Scored on the already-updated weights of the group (docs/algorithms.md,
-            # "SparseGPT"); rows of ws are inputs, so the group runs along axis 0.
-            scores = (ws[j:j + m] / d[j:j + m, None]) ** 2
-            kp = kp.at[j:j + m].set(mask_smallest_nm(scores, n, m, mask=kp[j:j + m], axis=0))
-        wj = ws[j]
-        gj = grid if col_grid is None else _column_grid(col_grid, j)
+
+    def column(j, c):
+        ws, kp, errs = c
+        wj = lax.dynamic_index_in_dim(ws, j, keepdims=False)
+        gj = grid
+        if col_grid is not None:
+            gj = QuantGrid(*(lax.dynamic_index_in_dim(a, j, keepdims=False)[:, None]
+                             for a in (col_grid.scale, col_grid.zero)),
+                           col_grid.qmin, col_grid.qmax)
         qj = wj if gj is None else fake_quantize(wj[:, None], gj)[:, 0]
-        qj = jnp.where(kp[j], qj, 0.0)
+        qj = jnp.where(lax.dynamic_index_in_dim(kp, j, keepdims=False), qj, 0.0)
         ej = (wj - qj) / d[j]
-        if j + 1 < size:
-            upd = us[j, j + 1:, None] * ej[None, :]
-            ws = ws.at[j + 1:].add(-upd if ks is None else -upd * ks[j + 1:])
-        ws = ws.at[j].set(qj)
-        errs.append(ej)
-    return ws, kp, jnp.stack(errs)
+        # Row j of U carries the error to the later columns (U is upper triangular).
+        uj = jnp.where(idx > j, lax.dynamic_index_in_dim(us, j, keepdims=False), 0.0)
+        upd = uj[:, None] * ej[None, :]
+        ws = ws - (upd if ks is None else upd * ks)
+        return (lax.dynamic_update_index_in_dim(ws, qj, j, 0), kp,
+                lax.dynamic_update_index_in_dim(errs, ej, j, 0))
+
+    carry = (ws, kp, jnp.zeros_like(ws))
+    if pattern != "nm":
+        # Two columns per iteration: less loop overhead (-20 to -40% at 688 x 256 and
+        # 1024 x 1024 on a 2-core CPU), same compile time.
+        return lax.fori_loop(0, size, column, carry, unroll=2)
+
+    def group(g, c):
+        ws, kp, errs = c
+        # Scored on the already-updated weights of the group (docs/algorithms.md,
+        # "SparseGPT"); rows of ws are inputs, so the group runs along axis 0.
+        start = g * m
+        scores = (lax.dynamic_slice_in_dim(ws, start, m)
+                  / lax.dynamic_slice_in_dim(d, start, m)[:, None]) ** 2
+        kg = mask_smallest_nm(scores, n, m, mask=lax.dynamic_slice_in_dim(kp, start, m), axis=0)
+        kp = lax.dynamic_update_slice_in_dim(kp, kg, start, 0)
+        return lax.fori_loop(start, start + m, column, (ws, kp, errs))
+
+    return lax.fori_loop(0, size // m, group, carry)
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("pattern", "n", "m", "block", "bits", "sym", "group"))
-def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits, sym, group=0):
-    """Returns (weight (out, in) float32, keep mask (out, in), grid or None).
+                   static_argnames=("pattern", "n", "m", "block", "bits", "sym", "group",
+                                    "layout"))
+def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits, sym, group=0,
+           layout="out_in"):
+    """Returns (weight float32, keep mask, grid or None, the weight's NaN/inf count), the
+    weight and mask in `layout` ("out_in": (out, in); "in_out": (in, out), the sweep's own).
 
     group > 0 (it divides `block`): one grid per row and group of `group` input columns, set
     from the group's weights at the start of its block; the returned grid's scale and zero
     are then (out, in / group)."""
     with jax.default_matmul_precision("float32"):
-        rows, cols = weight.shape
+        bad = jnp.sum(~jnp.isfinite(weight), dtype=jnp.int32)
+        w = weight.astype(jnp.float32)
+        if layout == "out_in":
+            w, keep = w.T, None if keep is None else keep.T
+        cols, rows = w.shape
         nb = -(-cols // block)
         cp = nb * block
         sub = _sub_size(block, m)
 
-        w = jnp.where(dead[None, :], 0.0, weight.astype(jnp.float32))
+        w = jnp.where(dead[:, None], 0.0, w)
         if keep is not None:
             w = jnp.where(keep, w, 0.0)
-        grid = None if bits is None or group else minmax_grid(w, bits, sym)
+        grid = None if bits is None or group else minmax_grid(w.T, bits, sym)
         grouped = bits is not None and group > 0
         # Group grids of every (padded) column group, filled block by block.
         groups = jnp.ones((cp // group if grouped else 0, rows), jnp.float32)
-        wt = jnp.pad(w.T, ((0, cp - cols), (0, 0)))
-        keep_t = None if keep is None else jnp.pad(keep.T, ((0, cp - cols), (0, 0)),
+        wt = jnp.pad(w, ((0, cp - cols), (0, 0)))
+        keep_t = None if keep is None else jnp.pad(keep, ((0, cp - cols), (0, 0)),
                                                    constant_values=True)
         kept = jnp.ones((cp, rows), jnp.bool_) if keep_t is None else keep_t
         up, is_pad = u, None
@@ -259,23 +340,32 @@ def _sweep(weight, u, dead, keep, k_full, k_tail, *, pattern, n, m, block, bits,
 
         wt, kept, g_scale, g_zero = lax.fori_loop(0, nb, block_step,
                                                   (wt, kept, groups, jnp.zeros_like(groups)))
-        kept = kept[:cols].T
-        w_out = jnp.where(kept, wt[:cols].T, 0.0)
+        kept = kept[:cols]
+        w_out = jnp.where(kept, wt[:cols], 0.0)
+        if layout == "out_in":
+            w_out, kept = w_out.T, kept.T
         if grouped:
             ng = cols // group
             qmax = float(2 ** (bits - 1) - 1) if sym else float(2**bits - 1)
             grid = QuantGrid(g_scale[:ng].T, g_zero[:ng].T,
                              jnp.float32(-qmax if sym else 0.0), jnp.float32(qmax))
-    return w_out, kept, grid
+    return w_out, kept, grid, bad
 
 
-def _damped_factor(hessian, dampening: float):
-    """U and dead columns; retries with more dampening, then the identity, with a warning."""
+def _damped_factor(hessian, dampening: float, weight):
+    """U and dead columns; retries with more dampening, then the identity, with a warning.
+
+    A NaN/inf Hessian raises NonFiniteError, after the weight's own check (the weight is
+    named first when both are broken)."""
     tries = [dampening] + [max(dampening, 0.01) * 10.0**i for i in (1, 2, 3)]
     dead = None
     for ratio in tries:
-        u, d, ok = _factor(hessian, jnp.float32(ratio))
-        dead = d if dead is None else dead
+        u, d, ok, bad = _factor(hessian, jnp.float32(ratio))
+        if dead is None:
+            if int(bad) or not bool(ok):  # eager checks only on these rare paths
+                check_finite(weight, "the weight")
+                check_finite(hessian, "the Hessian of its inputs")
+            dead = d
         if bool(ok):
             if ratio != dampening:
                 warnings.warn(f"sparsegpt: Cholesky of the damped Hessian failed with "
@@ -289,12 +379,20 @@ def _damped_factor(hessian, dampening: float):
     return jnp.eye(hessian.shape[0], dtype=jnp.float32), dead
 
 
+_LAYOUTS = ("out_in", "in_out")
+
+
 def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, mask, bits, sym,
-           group=0):
-    check_pattern(tuple(weight.shape), sparsity, n, m, None if mask is None else mask.shape,
+           group=0, layout="out_in"):
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout={layout!r}: pass 'out_in' (Hugging Face) or 'in_out' (this "
+                         "project's params)")
+    flip = (lambda shape: tuple(shape)) if layout == "out_in" else (
+        lambda shape: tuple(shape)[::-1])
+    check_pattern(flip(weight.shape), sparsity, n, m, None if mask is None else flip(mask.shape),
                   block_size)
     check_mask_dtype(mask)
-    cols = weight.shape[1]
+    rows, cols = flip(weight.shape)
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)} but the weight has "
                          f"{cols} inputs; pass the ({cols}, {cols}) Hessian of this layer's "
@@ -307,19 +405,18 @@ def _solve(weight, hessian, *, pattern, sparsity, n, m, block_size, dampening, m
         raise ValueError(f"group_size={group} must divide the layer's {cols} inputs and divide "
                          f"or be a multiple of block_size={block_size}")
     block_size = max(block_size, group)  # a group spans whole blocks: same updates, one grid
-    weight = jnp.asarray(weight)
-    check_finite(weight, "the weight")
-    check_finite(hessian, "the Hessian of its inputs")
-    u, dead = _damped_factor(jnp.asarray(hessian), dampening)
-    rows = weight.shape[0]
+    weight, hessian = jnp.asarray(weight), jnp.asarray(hessian)
+    u, dead = _damped_factor(hessian, dampening, weight)
     tail = cols - (-(-cols // block_size) - 1) * block_size
     k_full = count_for(sparsity, rows * min(block_size, cols))
     k_tail = count_for(sparsity, rows * tail)
     # float32 before the jit boundary: one compile per shape whatever the weight's dtype.
-    w, kept, grid = _sweep(weight.astype(jnp.float32), u, dead,
-                           None if mask is None else jnp.asarray(mask), k_full, k_tail,
-                           pattern=pattern, n=n, m=m, block=block_size, bits=bits, sym=sym,
-                           group=group)
+    w, kept, grid, bad = _sweep(weight.astype(jnp.float32), u, dead,
+                                None if mask is None else jnp.asarray(mask), k_full, k_tail,
+                                pattern=pattern, n=n, m=m, block=block_size, bits=bits,
+                                sym=sym, group=group, layout=layout)
+    if int(bad):
+        check_finite(weight, "the weight")  # raises, naming the count
     return w.astype(weight.dtype), kept, grid
 
 
@@ -327,12 +424,16 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
                 hessian: Float[Array | np.ndarray, "..."], *, sparsity: float, n: int = 0,
                 m: int = 0, block_size: int = 128, dampening: float = 0.01,
                 mask: Bool[Array | np.ndarray, "..."] | None = None,
-                quant_bits: int | None = None, quant_sym: bool = False
+                quant_bits: int | None = None, quant_sym: bool = False,
+                layout: str = "out_in"
                 ) -> tuple[Float[Array, "out in"], Bool[Array, "out in"]]:
     """SparseGPT-prune one linear layer. Returns (pruned weight, mask; True = kept).
 
     weight: (out, in), Hugging Face orientation, any float dtype (returned in that dtype;
       the solve runs in float32). hessian: (in, in) float, from `hessian.finalize`.
+    layout="in_out": weight, mask and results are (in, out) instead, as this project's params
+      store a linear (the sweep's own layout: no transposes, in or out of the solver). The
+      shapes named below are then read transposed.
     sparsity: unstructured: in every row-block of (out, block_size) columns, prune
       `count_for(sparsity, out * width)` weights with the smallest W^2 / U_jj^2 (an existing
       `mask`'s pruned entries count towards it). n, m > 0: N:M along the inputs; `sparsity`
@@ -348,15 +449,15 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
     pattern = "nm" if n else "unstructured"
     w, kept, _ = _solve(weight, hessian, pattern=pattern, sparsity=sparsity, n=n, m=m,
                         block_size=block_size, dampening=dampening, mask=mask, bits=quant_bits,
-                        sym=quant_sym)
+                        sym=quant_sym, layout=layout)
     return w, kept
 
 
 def quantize_layer(weight: Float[Array | np.ndarray, "out in"],
                    hessian: Float[Array | np.ndarray, "..."], *, bits: int, sym: bool = False,
                    block_size: int = 128, dampening: float = 0.01,
-                   mask: Bool[Array | np.ndarray, "..."] | None = None, group_size: int = 0
-                   ) -> tuple[Float[Array, "out in"], QuantGrid]:
+                   mask: Bool[Array | np.ndarray, "..."] | None = None, group_size: int = 0,
+                   layout: str = "out_in") -> tuple[Float[Array, "out in"], QuantGrid]:
     """GPTQ: quantize one linear layer with error compensation (`docs/algorithms.md`, "GPTQ").
 
     Returns (dequantized weight in the input dtype, the per-row grid: codes are
@@ -364,11 +465,12 @@ def quantize_layer(weight: Float[Array | np.ndarray, "out in"],
     0 and the error propagation is multiplied by the mask. group_size > 0: one grid per row
     and group of consecutive inputs (it must divide the inputs, and divide or be a multiple
     of block_size), set when the sweep reaches the group's block (GPTQ's reference), and the
-    grid's scale and zero are (out, in / group_size). Other arguments as `prune_layer`.
+    grid's scale and zero are (out, in / group_size), whatever the `layout`. Other arguments
+    as `prune_layer`.
     """
     if bits is None:
         raise ValueError("bits=None: pass the quantization width, e.g. bits=4")
     w, _, grid = _solve(weight, hessian, pattern="none", sparsity=0.0, n=0, m=0,
                         block_size=block_size, dampening=dampening, mask=mask, bits=bits,
-                        sym=sym, group=group_size)
+                        sym=sym, group=group_size, layout=layout)
     return w, grid
