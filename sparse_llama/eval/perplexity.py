@@ -102,10 +102,13 @@ def evaluate_windows(params: dict, config: LlamaConfig, windows: np.ndarray, *,
     if not math.isfinite(nll):
         raise ValueError(f"the mean NLL over {n} windows is {nll}: the model's logits are not "
                          f"finite (NaN or infinite weights, or overflow in {config.dtype})")
-    # math.exp raises OverflowError past ~709.78; inf is the honest value (a command's summary
-    # then refuses it by name).
-    perplexity = math.exp(nll) if nll < 709.0 else math.inf
-    return PerplexityResult(perplexity=perplexity, nll=nll, tokens=tokens, windows=n)
+    return PerplexityResult(perplexity=perplexity_of(nll), nll=nll, tokens=tokens, windows=n)
+
+
+def perplexity_of(nll: float) -> float:
+    """exp(mean NLL). math.exp raises OverflowError past ~709.78; inf is the honest value (a
+    command's summary then refuses it by name, or reports null)."""
+    return math.exp(nll) if nll < 709.0 else math.inf
 
 
 def _put_batch(x: np.ndarray, *, mesh: Mesh, rules: dict):

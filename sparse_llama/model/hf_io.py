@@ -77,6 +77,13 @@ def get_path(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    """tree[path[0]][path[1]]... = value, making the inner dicts on the way."""
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
 def table_entries(num_layers: int, tied: bool) -> list[tuple[str, tuple[str, ...], int | None,
                                                               bool]]:
     """(Hugging Face name, params path, layer or None, transposed) of every tensor, in the order
@@ -221,11 +228,8 @@ def read_params(index: CheckpointIndex, layer: int | None, np_dtype,
         with _open(file) as f:
             for name in (n for n in names if index.files[n] == file):
                 where = index.tensors[name]
-                path = where.path[1:] if layer is not None else where.path
-                node = out
-                for key in path[:-1]:
-                    node = node.setdefault(key, {})
-                node[path[-1]] = _ours(_get_tensor(f, name, file), where, np_dtype)
+                set_path(out, where.path[1:] if layer is not None else where.path,
+                         _ours(_get_tensor(f, name, file), where, np_dtype))
     return out
 
 
@@ -258,18 +262,25 @@ def _to_device(host: dict) -> dict:
     return out
 
 
+def stored_tensor(w: np.ndarray, keep: np.ndarray | None, transpose: bool,
+                  np_dtype) -> np.ndarray:
+    """One host tensor as a checkpoint stores it: entries `keep` drops exact zeros, cast to
+    the stored dtype, in the Hugging Face layout (contiguous)."""
+    if keep is not None:
+        w = np.where(keep, w, np.zeros((), w.dtype))
+    w = w.astype(np_dtype, copy=False)
+    return np.ascontiguousarray(w.T if transpose else w)
+
+
 def hf_tensors(params: dict, masks, config: LlamaConfig, np_dtype):
     """(Hugging Face name, numpy array) of every tensor in `table_entries` order, one tensor
     on the host at a time; pruned entries (masks False) are exact zeros."""
     for name, where in hf_tensor_names(config).items():
+        m = None if masks is None else get_path(masks, where.path)
+        keep = (None if m is None or (jnp.ndim(m) == 0 and bool(m))
+                else sharding.host_array(m, where.layer))
         w = sharding.host_array(get_path(params, where.path), where.layer)
-        if masks is not None:
-            m = get_path(masks, where.path)
-            if not (jnp.ndim(m) == 0 and bool(m)):
-                keep = sharding.host_array(m, where.layer)
-                w = np.where(keep, w, np.zeros((), w.dtype))
-        w = w.astype(np_dtype, copy=False)
-        yield name, np.ascontiguousarray(w.T if where.transpose else w)
+        yield name, stored_tensor(w, keep, where.transpose, np_dtype)
 
 
 def hf_tensor_specs(config: LlamaConfig, dtype: str) -> list[TensorSpec]:

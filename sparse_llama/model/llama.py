@@ -170,7 +170,8 @@ def embed(params, tokens, config):
     return jnp.take(params["embed_tokens"], tokens, axis=0).astype(config.dtype)
 
 
-def _logits(params, x, config):
+def head_logits(params, x, config):
+    """Final norm and output projection of hidden states x (b, t, d): float32 logits."""
     x = layers.rms_norm(x, params["norm"], config.rms_norm_eps)
     return jnp.dot(x, output_weights(params).astype(x.dtype), preferred_element_type=jnp.float32)
 
@@ -217,7 +218,7 @@ def forward(params: dict, tokens: Int[Array, "b t"], config: LlamaConfig, masks=
         per_layer = indices
     x, hidden = run_blocks(params["layers"], embed(params, tokens, config), per_layer, step,
                            config)
-    logits = _logits(params, x, config)
+    logits = head_logits(params, x, config)
     return (logits, hidden) if return_hidden else logits
 
 
@@ -269,7 +270,7 @@ def forward_cached_embeds(params: dict, x: Float[Array, "b t d"], config: LlamaC
 
     x, (k, v) = run_blocks(params["layers"], x.astype(config.dtype), (cache["k"], cache["v"]),
                            step, config)
-    return _logits(params, x, config), {"k": k, "v": v}
+    return head_logits(params, x, config), {"k": k, "v": v}
 
 
 def count_params(params: dict) -> int:

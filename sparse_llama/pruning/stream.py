@@ -15,7 +15,6 @@ the head scores them at the end (the computation of `llama.forward`, block by bl
 
 import ctypes
 import functools
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_llama.model import hf_io, layers, llama, sharding
+from sparse_llama.eval.perplexity import perplexity_of
+from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.model.safetensors_stream import ShardedWriter
 from sparse_llama.pruning import driver
@@ -84,39 +84,37 @@ def mask_leaves(config: LlamaConfig) -> dict:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _head_nll(top: dict, x, tokens, config: LlamaConfig):
     """Summed next-token NLL of final hidden states `x` (b, t, d) of windows `tokens`."""
-    x = layers.rms_norm(x, top["norm"], config.rms_norm_eps)
-    logits = jnp.dot(x, llama.output_weights(top).astype(x.dtype),
-                     preferred_element_type=jnp.float32)
-    return jnp.sum(token_nll(logits[:, :-1], tokens[:, 1:]))
+    return jnp.sum(token_nll(llama.head_logits(top, x, config)[:, :-1], tokens[:, 1:]))
 
 
 def _perplexity(top: dict, acts: driver.Activations, windows: np.ndarray, batch_size: int,
-                config: LlamaConfig) -> float | None:
-    """Perplexity over `windows` from their final hidden states; None when not finite."""
+                config: LlamaConfig) -> float:
+    """Perplexity over `windows` from their final hidden states (NaN or inf when the model's
+    logits are not finite: the summary reports those as null)."""
     total = sum(float(_head_nll(top, acts.place(x), jnp.asarray(windows[i:i + batch_size]),
                                 config))
                 for i, x in zip(range(0, windows.shape[0], batch_size), acts.chunks,
                                 strict=True))
-    nll = total / (windows.shape[0] * (windows.shape[1] - 1))
-    return math.exp(nll) if math.isfinite(nll) and nll < 709.0 else None
+    return perplexity_of(total / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def _write_top(writer: ShardedWriter | None, top: dict, entries, np_dtype) -> None:
+    """The tensors of `entries` outside the blocks (`top` holds exactly them)."""
     for name, path, _, transpose in entries:
-        if writer is not None and path[0] in top:
-            w = np.asarray(hf_io.get_path(top, path)).astype(np_dtype, copy=False)
-            writer.add(name, np.ascontiguousarray(w.T if transpose else w))
+        if writer is not None:
+            writer.add(name, hf_io.stored_tensor(np.asarray(hf_io.get_path(top, path)), None,
+                                                 transpose, np_dtype))
 
 
-def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray, spec: driver.PruneSpec, directory: str | Path, *,
-                 dtype: str, initial_masks: Callable | None = None, mesh=None, rules=None,
+def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
+                 spec: driver.PruneSpec, directory: str | Path, *, dtype: str, initial_masks: Callable | None = None, mesh=None, rules=None,
                  eval_windows: np.ndarray | None = None, eval_batch_size: int = 8,
                  progress: Callable | None = None) -> tuple[dict, float | None, float | None]:
     """Prune `source` into `directory` (which exists): model.safetensors (or shards) in
     `dtype`, masks/ and nothing else (the caller adds config and tokenizer files, the report).
 
     Returns (the sparsity report, dense perplexity, pruned perplexity); the perplexities are
-    None without `eval_windows` (n, t) or when not finite. Process 0 writes; every process of
+    None without `eval_windows` (n, t). Process 0 writes; every process of
     a multi-host run calls it. The embeddings are written and let go before the first block
     is read, the final norm and lm_head read after the last one.
     """
@@ -146,15 +144,14 @@ def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray, spec:
             leaf = path[1:]
             w = sharding.host_array(hf_io.get_path(done.pruned, leaf))
             m = hf_io.get_path(done.masks, leaf)
-            if np.ndim(m):
-                m = sharding.host_array(m)
-                w = np.where(m, w, np.zeros((), w.dtype))
+            keep = sharding.host_array(m) if np.ndim(m) else None
+            if keep is not None:
+                w = np.where(keep, w, np.zeros((), w.dtype))  # counted as written
                 counts.append(report_lib.tensor_counts("/".join(leaf), layer, w))
                 if primary:
-                    masks_out.add("/".join(path), layer, m)
+                    masks_out.add("/".join(path), layer, keep)
             if primary:
-                w = w.astype(np_dtype, copy=False)
-                writer.add(name, np.ascontiguousarray(w.T if transpose else w))
+                writer.add(name, hf_io.stored_tensor(w, None, transpose, np_dtype))
         if evals is not None:
             evals = [evals[0].advance(done.dense, config), evals[1].advance(done.pruned, config)]
         if progress is not None:

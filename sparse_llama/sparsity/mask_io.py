@@ -143,11 +143,7 @@ def _unpack_tree(leaves: dict, packed: dict) -> dict:
             host[path][layer] = m
     tree: dict = {}
     for path, m in host.items():
-        keys = path.split("/")
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = m
+        hf_io.set_path(tree, tuple(path.split("/")), m)
     return tree
 
 
