@@ -26,12 +26,13 @@ from train_step import fastest, make_batch
 
 from configs import blocks
 from sparse_llama.distill.objective import distill_loss
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama
 from sparse_llama.model.config import preset
 from sparse_llama.optim.factory import make_optimizer
 from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.objectives import Objective
+from sparse_llama.train.objective import Objective
 from sparse_llama.train.step import make_train_step
 
 CONFIGS = {"tiny": (preset("tiny"), 16, 128), "m25": (preset("m25"), 8, 256)}
@@ -44,7 +45,7 @@ def bench(name: str) -> dict:
     rng = np.random.default_rng(0)
     masks = jax.tree_util.tree_map_with_path(
         lambda path, w: (jnp.asarray(rng.random(w.shape) >= SPARSITY)
-                         if masks_lib.is_target(masks_lib.path_name(path))
+                         if masks_lib.is_target(path_name(path))
                          else jnp.ones((), jnp.bool_)), teacher)
     student = masks_lib.apply_masks(teacher, masks)
     batch = jax.tree.map(jnp.asarray, make_batch(config, batch_size, seq_len))

@@ -26,6 +26,7 @@ from peak_report import emit
 from train_step import fastest, make_batch
 
 from configs import blocks
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama
 from sparse_llama.model.config import LlamaConfig, preset
 from sparse_llama.optim.factory import make_optimizer
@@ -47,7 +48,7 @@ def sparse_params(config: LlamaConfig) -> dict:
     rng = np.random.default_rng(0)
     masks = jax.tree_util.tree_map_with_path(
         lambda path, w: (jnp.asarray(rng.random(w.shape) >= SPARSITY)
-                         if masks_lib.is_target(masks_lib.path_name(path))
+                         if masks_lib.is_target(path_name(path))
                          else jnp.ones((), jnp.bool_)), params)
     return masks_lib.apply_masks(params, masks)
 
@@ -85,7 +86,7 @@ def pruned_nonzero(params: dict, reference: dict) -> int:
     count = 0
     for (path, w), r in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                             jax.tree.leaves(reference), strict=True):
-        if masks_lib.is_target(masks_lib.path_name(path)):
+        if masks_lib.is_target(path_name(path)):
             count += int(np.count_nonzero(np.asarray(w)[np.asarray(r) == 0]))
     return count
 

@@ -86,20 +86,22 @@ def _prune_flags(src, out, cal, method):
 def reference(src: str, out: str, cal: str, method: str) -> None:
     """The in-memory prune (this file run with --reference): the whole model loaded."""
     from configs import prune as prune_configs
+    from sparse_llama.commands import prune as prune_run
     from sparse_llama.model import hf_io
     from sparse_llama.pruning import driver
-    from sparse_llama.pruning import run as prune_run
+    from sparse_llama.sparse_io.sparse_export import save_sparse_hf
     from sparse_llama.sparsity.masks import masks_from_zeros
-    from sparse_llama.sparsity.sparse_export import save_sparse_hf
 
     config = prune_configs.get_config("sparsegpt50")
     config.pruning.method = method
+    config.model.hf_path, config.output_dir, config.calibration.path = src, out, cal
+    sections = prune_run.check_prune_config(config)  # the typed sections launch.prune reads
     model, params = hf_io.load_hf(src)
     windows = np.load(cal)
-    spec = prune_run.prune_spec(config, [0.5] * model.num_layers)
+    spec = prune_run.prune_spec(sections, [0.5] * model.num_layers)
     # launch.prune's default keep_zeros: weights already exactly 0 stay pruned (a random
     # 1.35B float32 model has some: standard_normal rounds ~1 in 2^24 draws to 0).
-    existing = masks_from_zeros(params) if config.pruning.keep_zeros else None
+    existing = masks_from_zeros(params) if sections.pruning.keep_zeros else None
     pruned, masks = driver.prune_model(params, model, windows, spec, masks=existing)
     del params
     save_sparse_hf(pruned, model, out, masks=masks, dtype="float32")

@@ -23,7 +23,7 @@ import numpy as np
 from peak_report import emit
 from train_step import fastest
 
-from configs import blocks, sat_cpt
+from configs import blocks
 from sparse_llama.model import llama
 from sparse_llama.model.config import LlamaConfig, matmul_flops_per_token, preset
 from sparse_llama.optim.factory import make_optimizer
@@ -80,7 +80,7 @@ def bench(name: str, metric: str, rounds: int = 3, steps: int = 3) -> list[dict]
     settings, scorers = [], []
     for r in RATES:
         for r_h in (0.0, r):
-            sat = sat_cpt.sat_section(r, r_h)
+            sat = blocks.sat(r, r_h)
             sat.metric = metric
             sat.lors.constant_fraction = 1.0
             try:

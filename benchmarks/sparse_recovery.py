@@ -3,11 +3,11 @@
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/sparse_recovery.py
 
 A tiny Llama (preset tiny) is trained dense on a text file of standard-library modules
-(`loop.train`, configs/dense.py:tiny, seeded), exported, then pruned one-shot with SparseGPT to
-50% and to 70% (`pruning.run.run`, calibration windows of the same text). Each pruned model is
+(`commands.train`, configs/dense.py:tiny, seeded), exported, then pruned one-shot with SparseGPT to
+50% and to 70% (`commands.prune.run`, calibration windows of the same text). Each pruned model is
 then trained further on the same text with the same optimizer settings and token budget twice:
 
-  ours   `loop.train` with configs/sparse.py:tiny (keep-sparse AdamW, masks from PRUNED/masks);
+  ours   `commands.train` with configs/sparse.py:tiny (keep-sparse AdamW, masks from PRUNED/masks);
   torch  `torch_recovery` below: transformers' LlamaForCausalLM, masks = (weight != 0) of every
          q/k/v/o/gate/up/down, and per step: loss.backward(), grads *= mask, clip_grad_norm_,
          AdamW.step() (decay on every matrix, embeddings and lm_head included, not on the norm
@@ -18,7 +18,7 @@ then trained further on the same text with the same optimizer settings and token
          epoch, batch_size windows per step. Only the permutation differs from ours;
          torch_same_order_ppl is torch trained once more on exactly ours' batches.
 
-Every perplexity is `sparse_llama.eval.run.evaluate_text` (what `launch.eval` computes) on a
+Every perplexity is `sparse_llama.commands.eval.evaluate_text` (what `launch.eval` computes) on a
 held-out text of other modules. seconds: wall time of the whole recipe (load, train, export),
 compile included; tokens_per_s: steady state (ours: the loop's summary, compile excluded;
 torch: from its second step on, on TORCH_THREADS threads). speedup = torch seconds / ours
@@ -39,13 +39,13 @@ import numpy as np
 from peak_report import emit
 
 from configs import blocks, dense, prune, sparse
+from sparse_llama import loading
+from sparse_llama.commands import prune as prune_run
+from sparse_llama.commands import train as train_command
+from sparse_llama.commands.eval import evaluate_text
 from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import load_tokenizer
-from sparse_llama.eval.run import evaluate_text
-from sparse_llama.model import loading
-from sparse_llama.pruning import run as prune_run
 from sparse_llama.sparsity.masks import DEFAULT_TARGETS
-from sparse_llama.train import loop
 
 SEQ_LEN, BATCH = 128, 16  # configs/sparse.py:tiny
 SPARSITIES = (0.5, 0.7)
@@ -80,7 +80,7 @@ def train_dense(train_path: str, workdir: str, steps: int, seed: int = 0) -> str
     config.train.update(steps=steps, seed=seed, eval_batches=0, checkpoint_every=0,
                         log_every=50)
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(1, steps // 10))
-    return loop.train(config, workdir)["hf_dir"]
+    return train_command.train(config, workdir)["hf_dir"]
 
 
 def prune_model(hf_dir: str, out_dir: str, sparsity: float, calibration_path: str, *,
@@ -106,9 +106,9 @@ def sparse_config(pruned: str, train_path: str, eval_path: str, steps: int):
 
 
 def ours_recovery(config, workdir: str) -> dict:
-    """`loop.train(config)`; its summary plus "seconds" (wall, compile and export included)."""
+    """`train_command.train(config)`; its summary plus "seconds" (wall, compile and export included)."""
     start = time.perf_counter()
-    summary = loop.train(config, workdir)
+    summary = train_command.train(config, workdir)
     return {**summary, "seconds": time.perf_counter() - start}
 
 
@@ -211,7 +211,7 @@ def torch_recovery(pruned: str, stream: np.ndarray, out_dir: str, *, steps: int,
 
 def ours_window_order(config, tokenizer, stream: np.ndarray) -> np.ndarray:
     """The windows (indices k of stream[k * seq_len : (k + 1) * seq_len + 1]) that our
-    pipeline gives `loop.train(config)`, in order, for all its steps (one process)."""
+    pipeline gives `train_command.train(config)`, in order, for all its steps (one process)."""
     from sparse_llama.data import pipeline
 
     seq_len, t = config.data.seq_len, config.train

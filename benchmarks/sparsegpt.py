@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_llama.compilation import CompileClock
+from sparse_llama.ground.compilation import CompileClock
 from sparse_llama.model import hf_io, llama
 from sparse_llama.model.config import LlamaConfig, preset
-from sparse_llama.pruning import driver, sparsegpt
+from sparse_llama.pruning import driver, methods, sparsegpt
 
 LAYERS = ((1024, 1024), (4096, 4096), (11008, 4096))  # (out, in): Llama-7B q/o and up/gate
 PATTERNS = (("50%", dict(sparsity=0.5)), ("2:4", dict(sparsity=0.5, n=2, m=4)))
@@ -162,8 +162,8 @@ def bench_model(config: LlamaConfig = ISSUE_MODEL, name: str = "small@4096 (the 
     params = llama.init_params(jax.random.key(0), config)
     windows = np.random.default_rng(0).integers(0, config.vocab_size, (num_samples, seq_len))
     windows = windows.astype(np.int32)
-    spec = driver.PruneSpec(method="sparsegpt", layer_sparsity=(0.5,) * config.num_layers,
-                            batch_size=8)
+    spec = driver.PruneSpec(method=methods.get("sparsegpt"),
+                            layer_sparsity=(0.5,) * config.num_layers, batch_size=8)
 
     def prune():
         jax.block_until_ready(driver.prune_model(params, config, windows, spec))

@@ -1,11 +1,40 @@
 """Small config blocks shared by the experiment files in configs/.
 
 Each returns an `ml_collections.ConfigDict` for one section; an experiment file composes them in
-`get_config(arg)` and changes what it needs. Validation happens where the section is used
+`get_config(arg)` and changes what it needs. Every section's defaults live here and only here
+(each builder's docstring names where sparse_llama/ reads the section); a builder's `**changes`
+may only name keys the section has. Validation happens where the section is used
 (sparse_llama/*), before any work starts.
+
+A variant table is a dict of name -> row, a row a frozen dataclass given by field names only
+(`Run` below is the one `single_run` takes): an unknown or missing field name is a TypeError
+naming it when the table is built, so a swapped or forgotten value cannot pass silently.
 """
 
+import dataclasses
+
 import ml_collections
+
+
+def pick(table: dict, variant: str | None, default: str, where: str):
+    """`table[variant or default]`; a ValueError naming `where` and the choices otherwise."""
+    variant = variant or default
+    if variant not in table:
+        raise ValueError(f"unknown variant {variant!r} of {where}; choose one of "
+                         f"{sorted(table)}")
+    return table[variant]
+
+
+def _section(name: str, defaults: dict, changes: dict) -> ml_collections.ConfigDict:
+    """The `name` section: `defaults` (in their order) updated by `changes`, whose keys must
+    be among the defaults'."""
+    unknown = sorted(set(changes) - set(defaults))
+    if unknown:
+        raise ValueError(f"the {name} section has no key {', '.join(map(repr, unknown))}; its "
+                         f"keys are {list(defaults)}")
+    section = ml_collections.ConfigDict(defaults)
+    section.update(changes)
+    return section
 
 
 def model(preset: str = "tiny", hf_path: str | None = None) -> ml_collections.ConfigDict:
@@ -85,7 +114,7 @@ def train(steps: int = 200, batch_size: int = 16) -> ml_collections.ConfigDict:
     """The training loop (sparse_llama/train/loop.py). Steps count optimizer updates."""
     return ml_collections.ConfigDict({
         "steps": steps,  # total optimizer updates (the schedule ends here)
-        "objective": "lm",  # what the step minimises (sparse_llama/train/objectives.py)
+        "objective": "lm",  # what the step minimises (sparse_llama/train/objective.py)
         "batch_size": batch_size,  # global sequences per update, summed over processes
         "grad_accum": 1,  # micro-batches per update (batch_size must divide by it)
         "eval_every": 100,  # steps between evaluations (0: only at the end)
@@ -129,7 +158,7 @@ def sparsity(keep: bool = False) -> ml_collections.ConfigDict:
 
 def train_stage(tokens: float, *, lr: float, batch_size: int, warmup_steps: int,
                 sparse: bool) -> ml_collections.ConfigDict:
-    """A recipe's training stage (sparse_llama/recipes/stages.py): `tokens` of training on
+    """A recipe's training stage (sparse_llama/commands/recipe.py): `tokens` of training on
     the recipe's data, with its own loop and optimizer settings."""
     stage = ml_collections.ConfigDict({
         "kind": "train",
@@ -152,26 +181,25 @@ def soft_prompt_stage(tokens: float, *, lr: float, batch_size: int, warmup_steps
                       num_tokens: int = 20) -> ml_collections.ConfigDict:
     """A recipe's soft-prompt stage (MediSwift): `tokens` of prompt tuning of the current,
     frozen model (configs/soft_prompt.py's objective) on `data_path` or the recipe's data."""
-    from sparse_llama.train.adapters import soft_prompt_section
-
     stage = train_stage(tokens, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps,
                         sparse=False)
     stage.kind = "soft_prompt"
     stage.optimizer.weight_decay = 0.0  # the prompt is not a weight to shrink
-    stage.soft_prompt = soft_prompt_section(num_tokens=num_tokens)
+    stage.soft_prompt = soft_prompt(num_tokens=num_tokens)
     return stage
 
 
 def prune_stage(sparsity: float, *, method: str = "sparsegpt", profile: str = "uniform",
                 num_samples: int = 128, seq_len: int = 2048) -> ml_collections.ConfigDict:
-    """A recipe's one-shot pruning stage: `pruning` and `calibration` keys as configs/prune.py;
-    the calibration windows are drawn from the recipe's training mixture."""
+    """A recipe's one-shot pruning stage (sparse_llama/commands/recipe.py): complete `pruning`
+    and `calibration` sections as configs/prune.py's; the calibration windows are drawn from
+    the recipe's training mixture (its `calibration.path` is set by the recipe)."""
     return ml_collections.ConfigDict({
         "kind": "prune",
-        "pruning": {"method": method, "sparsity": sparsity, "profile": profile,
-                    "keep_zeros": True},  # extending a mask keeps its old zeros
-        "calibration": {"num_samples": num_samples, "seq_len": seq_len, "seed": 0,
-                        "batch_size": 8},
+        # keep_zeros: extending a mask keeps its old zeros
+        "pruning": pruning(method=method, sparsity=sparsity, profile=profile, keep_zeros=True),
+        "calibration": calibration(num_samples=num_samples, seq_len=seq_len, seed=0,
+                                   batch_size=8),
     })
 
 
@@ -184,22 +212,136 @@ def recipe_eval(seq_len: int, max_chars: int = 0) -> ml_collections.ConfigDict:
     })
 
 
-def single_run(variants: dict, variant: str | None, default: str, where: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run:
+    """One training run of a variant table (`single_run`)."""
+
+    preset: str  # sparse_llama.model.config.PRESETS
+    seq_len: int  # tokens per window
+    steps: int  # optimizer updates
+    batch_size: int  # global sequences per update
+    lr: float  # peak learning rate
+    warmup_steps: int
+
+
+def single_run(variants: dict[str, Run], variant: str | None, default: str, where: str
                ) -> ml_collections.ConfigDict:
-    """One training run's config from a variant table of (preset, seq_len, steps, batch_size,
-    lr, warmup_steps) rows: evaluation every steps/6, checkpoints every steps/3."""
-    variant = variant or default
-    if variant not in variants:
-        raise ValueError(f"unknown variant {variant!r} of {where}; choose one of "
-                         f"{sorted(variants)}")
-    preset, seq_len, steps, batch, lr, warmup = variants[variant]
+    """One training run's config from a variant table of `Run` rows: evaluation every
+    steps/6, checkpoints every steps/3."""
+    run = pick(variants, variant, default, where)
     config = ml_collections.ConfigDict()
-    config.model = model(preset)
+    config.model = model(run.preset)
     config.mesh = mesh()
-    config.data = data(seq_len=seq_len)
-    config.train = train(steps=steps, batch_size=batch)
-    config.train.eval_every = max(steps // 6, 1)
-    config.train.checkpoint_every = max(steps // 3, 1)
-    config.optimizer = optimizer(lr=lr)
-    config.optimizer.warmup_steps = warmup
+    config.data = data(seq_len=run.seq_len)
+    config.train = train(steps=run.steps, batch_size=run.batch_size)
+    config.train.eval_every = max(run.steps // 6, 1)
+    config.train.checkpoint_every = max(run.steps // 3, 1)
+    config.optimizer = optimizer(lr=run.lr)
+    config.optimizer.warmup_steps = run.warmup_steps
     return config
+
+
+def pruning(**changes) -> ml_collections.ConfigDict:
+    """One-shot pruning (sparse_llama/commands/prune.py: check_prune_config, the driver's
+    method, N:M pattern and layer profile); configs/prune.py and every recipe prune stage."""
+    return _section("pruning", {
+        "method": "sparsegpt",  # sparsegpt | wanda | magnitude
+        "sparsity": 0.5,  # average fraction of pruned weights in the targeted linears
+        "n": 0,  # N:M pattern (n pruned in every m consecutive inputs); 0:0 = unstructured
+        "m": 0,
+        "profile": "uniform",  # uniform | owl | list
+        "owl_m": 5.0,  # OWL outlier threshold M (docs/algorithms.md, "OWL")
+        "owl_lambda": 0.08,  # OWL: layer sparsities span 2 lambda around their mean S
+        "layer_sparsities": (),  # profile=list: one value per decoder block
+        "module_sparsity": {},  # overrides by module, e.g. {"down_proj": 0.5}
+        "block_size": 128,  # SparseGPT column block
+        "dampening": 0.01,  # SparseGPT: lambda = dampening * mean(diag(H))
+        "true_sequential": False,  # {q,k,v} -> {o} -> {gate,up} -> {down}, inputs recomputed
+        "keep_zeros": True,  # weights already exactly zero stay pruned (extend 50% -> 70%)
+    }, changes)
+
+
+def calibration(**changes) -> ml_collections.ConfigDict:
+    """Calibration windows (sparse_llama/commands/prune.py: check_calibration_and_outputs and
+    the windows it reads; launch.quantize's too, and the recipe prune stages')."""
+    return _section("calibration", {
+        "path": "",  # text file or .npy token ids; "" = embedded corpus
+        "num_samples": 128,
+        "seq_len": 2048,
+        "seed": 0,
+        "batch_size": 8,  # windows per forward micro-batch
+        # A text shorter than num_samples x seq_len tokens is refused (its windows would
+        # overlap heavily); True accepts it knowingly.
+        "allow_overlap": False,
+    }, changes)
+
+
+def perplexity_eval(**changes) -> ml_collections.ConfigDict:
+    """The `eval` section of launch.prune and launch.quantize: perplexity on `path` before and
+    after (sparse_llama/commands/prune.py; "" = none)."""
+    return _section("eval", {"path": "", "seq_len": 2048, "batch_size": 8}, changes)
+
+
+def quant(**changes) -> ml_collections.ConfigDict:
+    """The `quant` section (sparse_llama/commands/quantize.py reads it into
+    sparse_llama/quant/calibrate.py's QuantSpec)."""
+    return _section("quant", {
+        "method": "gptq",  # gptq | rtn
+        "bits": 8,  # 8 | 4
+        "group_size": 0,  # 0: one scale per output channel; else inputs per scale
+        "act_order": False,  # GPTQ: columns by decreasing diag(H)
+        "smoothquant_alpha": 0.5,  # 0 = off; in [0, 1]
+        "activations": "int8_dynamic",  # none | int8_dynamic (W8A8: bits 8, group_size 0)
+        "block_size": 128,  # GPTQ lazy-update block
+        "dampening": 0.01,  # GPTQ: lambda = dampening * mean(diag(H))
+    }, changes)
+
+
+def finetune(**changes) -> ml_collections.ConfigDict:
+    """The `finetune` section, LoRA (sparse_llama/adapters/objective.py: lora_settings)."""
+    return _section("finetune", {
+        "lora_rank": 0,  # R > 0: train rank-R adapters of every target linear, model frozen
+        "lora_alpha": 0.0,  # scale alpha / R; 0 = R
+    }, changes)
+
+
+def soft_prompt(**changes) -> ml_collections.ConfigDict:
+    """The `soft_prompt` section (sparse_llama/adapters/objective.py: the soft_prompt
+    objective and check_soft_prompt_config)."""
+    return _section("soft_prompt", {
+        "num_tokens": 20,  # virtual tokens in front of every input
+        "init_text": "",  # their initial embeddings; "" = random vocabulary rows
+    }, changes)
+
+
+def distill(**changes) -> ml_collections.ConfigDict:
+    """The `distill` section (sparse_llama/distill/objective.py: check_distill_config)."""
+    return _section("distill", {
+        "teacher_path": "",  # the dense teacher, a Hugging Face Llama directory
+        "teacher_dtype": "",  # "" = the student's compute dtype
+        "ce_weight": 1.0,  # loss = ce_weight CE + kd_weight tau^2 KL + layer_weight SquareHead
+        "kd_weight": 1.0,
+        "layer_weight": 1.0,  # 0: logit KD only
+        "temperature": 2.0,  # tau
+    }, changes)
+
+
+def sat(mlp_rate: float = 0.5, head_rate: float = 0.0) -> ml_collections.ConfigDict:
+    """SAT's keys (sparse_llama/sat/objective.py: make_plan validates them before the run
+    starts)."""
+    return ml_collections.ConfigDict({
+        "metric": "maxip",  # uniform | magnitude | wanda | maxip (sparse_llama/sat/scores.py)
+        "selection": "sampling",  # sampling (Gumbel-top-k of softmax(score / T)) | topk
+        "temperature": 0.05,  # sampling temperature over the normalised scores
+        "normalize": "max",  # max | sum | zscore: per-layer score normalisation (sampling)
+        "mlp_rate": mlp_rate,  # fraction of MLP channels omitted per step, in [0, 1)
+        "head_rate": head_rate,  # fraction of KV groups omitted (a multiple of 1/num_kv_heads)
+        "layers": "all",  # blocks SAT applies to: all | "0,2" | "2-5"
+        "freeze_omitted": True,  # omitted units: no update, no moment / weight-decay change
+        "score_fraction": 0.125,  # share of the batch's rows the scores are computed from
+        "score_len": 0,  # score only each row's first score_len positions (0: whole rows)
+        "lors": {
+            "constant_fraction": 0.8,  # share of train.steps at the full rates
+            "rungs": 4,  # equal rungs over the rest; the last rung is dense
+        },
+    })

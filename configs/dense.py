@@ -23,14 +23,16 @@ import ml_collections
 
 from configs import blocks
 
-_VARIANTS = {
-    # preset, seq_len, steps, batch, lr, warmup
-    "tiny": ("tiny", 128, 1200, 16, 3e-3, 30),
-    "m25": ("m25", 256, 3000, 32, 1e-3, 100),
-    "small": ("small", 256, 2000, 32, 1e-3, 100),
-    "m100": ("m100", 1024, 20000, 64, 6e-4, 1000),
+Run = blocks.Run
+VARIANTS = {
+    "tiny": Run(preset="tiny", seq_len=128, steps=1200, batch_size=16, lr=3e-3, warmup_steps=30),
+    "m25": Run(preset="m25", seq_len=256, steps=3000, batch_size=32, lr=1e-3, warmup_steps=100),
+    "small": Run(preset="small", seq_len=256, steps=2000, batch_size=32, lr=1e-3,
+                 warmup_steps=100),
+    "m100": Run(preset="m100", seq_len=1024, steps=20000, batch_size=64, lr=6e-4,
+                warmup_steps=1000),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return blocks.single_run(_VARIANTS, arg, "tiny", "configs/dense.py")
+    return blocks.single_run(VARIANTS, arg, "tiny", "configs/dense.py")

@@ -7,7 +7,7 @@ A text file is tokenized once with the model's tokenizer, cut into non-overlappi
 seq_len tokens (no BOS inserted), and exp(mean NLL) is reported. A .jsonl / .parquet file or
 folder (the `data.text_field` of each record) or a folder of text files is read as documents
 by the training sources; each is framed `[BOS] text [EOS]` as in training and they are joined
-in order before the same windowing (sparse_llama/eval/run.py). float32 by default
+in order before the same windowing (sparse_llama/commands/eval.py). float32 by default
 (`--config.model.dtype=bfloat16` to change it). Cost: one forward per window; a 7B model at
 seq_len 2048 over wikitext-2 test (~340k tokens, 166 windows) takes minutes on one GPU.
 Expected: Llama-2-7B gives 5.12 at seq_len 4096 (docs/algorithms.md, "Perplexity protocol").

@@ -34,17 +34,16 @@ held-out response tokens for chat data), "tokens_per_s", "workdir", "hf_dir", "s
 import ml_collections
 
 from configs import blocks
-from sparse_llama.train.adapters import finetune_section
 
-_VARIANTS = {
-    # preset, seq_len, steps, batch, lr, warmup
-    "tiny": ("tiny", 128, 200, 16, 5e-4, 10),
-    "m25": ("m25", 256, 600, 32, 2e-4, 30),
+Run = blocks.Run
+VARIANTS = {
+    "tiny": Run(preset="tiny", seq_len=128, steps=200, batch_size=16, lr=5e-4, warmup_steps=10),
+    "m25": Run(preset="m25", seq_len=256, steps=600, batch_size=32, lr=2e-4, warmup_steps=30),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = blocks.single_run(_VARIANTS, arg, "tiny", "configs/finetune.py")
+    config = blocks.single_run(VARIANTS, arg, "tiny", "configs/finetune.py")
     config.data.validation_fraction = 0.05  # held-out conversations without data.eval_path
     # chat data: "auto" = the tokenizer's chat template if it has one, else the plain one;
     # "plain" = always the plain template (sparse_llama/data/chat.py)
@@ -56,6 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # LoRA instead of full fine-tuning: finetune.lora_rank=R > 0 trains rank-R adapters of
     # every target linear with the model frozen; lora_alpha 0 = R (scale alpha / R = 1).
     # DIR/hf is the merged model (W + scale * (A B) * mask: the base's zeros exactly) and
-    # DIR/adapters.safetensors the adapters alone (sparse_llama/train/adapters.py).
-    config.finetune = finetune_section()
+    # DIR/adapters.safetensors the adapters alone (sparse_llama/adapters/objective.py).
+    config.finetune = blocks.finetune()
     return config

@@ -28,12 +28,13 @@ configs/finetune.py's; `eval_perplexity` is the student's on the held-out data.
 
 import ml_collections
 
-from configs import finetune
-from sparse_llama.distill.objective import section
+from configs import blocks, finetune
+
+VARIANTS = finetune.VARIANTS  # the same runs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = finetune.get_config(arg)
     config.train.objective = "distill"
-    config.distill = section()
+    config.distill = blocks.distill()
     return config

@@ -5,7 +5,7 @@
         --config.data.path=DOMAIN_CORPUS --config.data.eval_path=HELD_OUT.txt \
         --config.dense_finetune.data_path=TASK --config.prompt.data_path=TASK --workdir=DIR
 
-Stages (sparse_llama/recipes/stages.py; each in DIR/<stage>/, resumable), configs/spdf.py's
+Stages (sparse_llama/commands/recipe.py; each in DIR/<stage>/, resumable), configs/spdf.py's
 two plus one:
 - `sparse_pretrain`: from scratch with a static random unstructured mask of
   `sparse_pretrain.mask_sparsity` (0.75; MediSwift trains at 50% and 75%), kept exactly;
@@ -23,23 +23,35 @@ one accelerator. Last stdout line: {"stages": [{"name", "sparsity", "perplexity"
 "seconds"}, ...], "hf_dir" (the fine-tuned model), "workdir"}.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import blocks, spdf
 
-# variant -> soft prompt tokens (budget), lr, warmup
-_PROMPT = {"tiny": (307_200, 3e-2, 10), "m25": (3_276_800, 3e-2, 20)}
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """The soft-prompt stage after configs/spdf.py's variant of the same name."""
+
+    tokens: float  # token budget
+    lr: float
+    warmup_steps: int
+
+
+VARIANTS = {
+    "tiny": Prompt(tokens=307_200, lr=3e-2, warmup_steps=10),
+    "m25": Prompt(tokens=3_276_800, lr=3e-2, warmup_steps=20),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "tiny"
-    if variant not in _PROMPT:
-        raise ValueError(f"unknown variant {variant!r} of configs/mediswift.py; choose one of "
-                         f"{sorted(_PROMPT)}")
+    prompt = blocks.pick(VARIANTS, variant, "tiny", "configs/mediswift.py")
     config = spdf.get_config(variant)
-    tokens, lr, warmup = _PROMPT[variant]
     config.prompt = blocks.soft_prompt_stage(
-        tokens, lr=lr, batch_size=config.dense_finetune.train.batch_size, warmup_steps=warmup)
+        prompt.tokens, lr=prompt.lr, batch_size=config.dense_finetune.train.batch_size,
+        warmup_steps=prompt.warmup_steps)
     config.stages = ("sparse_pretrain", "dense_finetune", "prompt")
     del config["eval_final"]  # every stage is measured; the prompt stage is the last word
     return config

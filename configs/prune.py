@@ -22,6 +22,7 @@ import ml_collections
 
 from configs import blocks
 
+# variant -> its `pruning` keys (blocks.pruning checks them)
 VARIANTS = {
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt24": {"method": "sparsegpt", "n": 2, "m": 4},
@@ -35,43 +36,16 @@ VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "sparsegpt50"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown prune variant {variant!r}; choose one of {sorted(VARIANTS)}")
     config = ml_collections.ConfigDict()
     config.model = blocks.model()
     config.mesh = blocks.mesh()
-    config.pruning = ml_collections.ConfigDict({
-        "method": "sparsegpt",  # sparsegpt | wanda | magnitude
-        "sparsity": 0.5,  # average fraction of pruned weights in the targeted linears
-        "n": 0,  # N:M pattern (n pruned in every m consecutive inputs); 0:0 = unstructured
-        "m": 0,
-        "profile": "uniform",  # uniform | owl | list
-        "owl_m": 5.0,  # OWL outlier threshold M (docs/algorithms.md, "OWL")
-        "owl_lambda": 0.08,  # OWL: layer sparsities span 2 lambda around their mean S
-        "layer_sparsities": (),  # profile=list: one value per decoder block
-        "module_sparsity": {},  # overrides by module, e.g. {"down_proj": 0.5}
-        "block_size": 128,  # SparseGPT column block
-        "dampening": 0.01,  # SparseGPT: lambda = dampening * mean(diag(H))
-        "true_sequential": False,  # {q,k,v} -> {o} -> {gate,up} -> {down}, inputs recomputed
-        "keep_zeros": True,  # weights already exactly zero stay pruned (extend 50% -> 70%)
-    })
-    config.pruning.update(VARIANTS[variant])
-    config.calibration = ml_collections.ConfigDict({
-        "path": "",  # text file or .npy token ids; "" = embedded corpus
-        "num_samples": 128,
-        "seq_len": 2048,
-        "seed": 0,
-        "batch_size": 8,  # windows per forward micro-batch
-        # A text shorter than num_samples x seq_len tokens is refused (its windows would
-        # overlap heavily); True accepts it knowingly.
-        "allow_overlap": False,
-    })
-    config.eval = ml_collections.ConfigDict({"path": "", "seq_len": 2048, "batch_size": 8})
+    config.pruning = blocks.pruning(**blocks.pick(VARIANTS, variant, "sparsegpt50",
+                                                  "configs/prune.py"))
+    config.calibration = blocks.calibration()
+    config.eval = blocks.perplexity_eval()
     config.output_dir = ""
     config.save_dtype = ""  # "" keeps the loaded dtype; float32 | bfloat16 | float16
-    if variant == "w8a8":  # sparse_llama/quant/run.py runs it (configs/quantize.py's keys)
-        from configs.quantize import quant_section
-
-        config.quant = quant_section()
+    if variant == "w8a8":  # sparse_llama/commands/quantize.py runs it (configs/quantize.py's keys)
+        config.quant = blocks.quant()
         config.format = "hf"  # hf | compressed-tensors
     return config

@@ -24,8 +24,8 @@ Last stdout line: {"perplexity_before", "perplexity_after", "sparsity", "bits", 
 import ml_collections
 
 from configs import blocks
-from configs import prune as prune_config
 
+# variant -> its `quant` keys (blocks.quant checks them)
 VARIANTS = {
     "w8a8": {},
     "w8": {"activations": "none", "smoothquant_alpha": 0.0},
@@ -35,34 +35,13 @@ VARIANTS = {
 }
 
 
-def quant_section(**changes) -> ml_collections.ConfigDict:
-    """The `quant` section (sparse_llama/quant/calibrate.py: QuantSpec)."""
-    section = ml_collections.ConfigDict({
-        "method": "gptq",  # gptq | rtn
-        "bits": 8,  # 8 | 4
-        "group_size": 0,  # 0: one scale per output channel; else inputs per scale
-        "act_order": False,  # GPTQ: columns by decreasing diag(H)
-        "smoothquant_alpha": 0.5,  # 0 = off; in [0, 1]
-        "activations": "int8_dynamic",  # none | int8_dynamic (W8A8: bits 8, group_size 0)
-        "block_size": 128,  # GPTQ lazy-update block
-        "dampening": 0.01,  # GPTQ: lambda = dampening * mean(diag(H))
-    })
-    section.update(changes)
-    return section
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "w8a8"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown quantize variant {variant!r}; choose one of "
-                         f"{sorted(VARIANTS)}")
-    base = prune_config.get_config()
     config = ml_collections.ConfigDict()
     config.model = blocks.model()
     config.mesh = blocks.mesh()
-    config.quant = quant_section(**VARIANTS[variant])
-    config.calibration = base.calibration
-    config.eval = base.eval
+    config.quant = blocks.quant(**blocks.pick(VARIANTS, arg, "w8a8", "configs/quantize.py"))
+    config.calibration = blocks.calibration()
+    config.eval = blocks.perplexity_eval()
     config.format = "hf"  # hf | compressed-tensors
     config.output_dir = ""
     config.save_dtype = ""  # compressed-tensors: dtype of the unquantized tensors

@@ -7,7 +7,7 @@ TRAIN.jsonl holds `{"prompt", "response"}` or `{"messages": [...]}` records (cha
 sparse_llama/data/chat.py): rendered with the tokenizer's chat template (or the plain one),
 trained on the response / assistant tokens only; without `data.eval_path` a held-out share of
 the conversations is the validation set. SAT as in configs/sat_cpt.py (`sat.*` keys,
-`sat_cpt.sat_section`): each step keeps the scored top / sampled `1 - rate` of the MLP
+`blocks.sat`): each step keeps the scored top / sampled `1 - rate` of the MLP
 channels (and KV groups with `sat.head_rate`), the ladder returns to dense for the tail, and
 evaluation is dense. Dense baseline of the same run: `--config.train.objective=lm`.
 
@@ -19,7 +19,9 @@ response tokens.
 
 import ml_collections
 
-from configs import finetune, sat_cpt
+from configs import blocks, finetune
+
+VARIANTS = finetune.VARIANTS  # the same runs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,5 +29,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = finetune.get_config(arg)
     config.sparsity.keep = False  # SAT's SFT fine-tunes a dense model (set True on a sparse one)
     config.train.objective = "sat"
-    config.sat = sat_cpt.sat_section()
+    config.sat = blocks.sat()
     return config

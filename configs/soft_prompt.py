@@ -23,17 +23,16 @@ Last stdout line: {"step", "loss", "eval_perplexity" (with the prompt, held-out 
 import ml_collections
 
 from configs import blocks
-from sparse_llama.train.adapters import soft_prompt_section
 
-_VARIANTS = {
-    # preset, seq_len, steps, batch, lr, warmup
-    "tiny": ("tiny", 128, 150, 16, 3e-2, 10),
-    "m25": ("m25", 256, 400, 32, 3e-2, 20),
+Run = blocks.Run
+VARIANTS = {
+    "tiny": Run(preset="tiny", seq_len=128, steps=150, batch_size=16, lr=3e-2, warmup_steps=10),
+    "m25": Run(preset="m25", seq_len=256, steps=400, batch_size=32, lr=3e-2, warmup_steps=20),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = blocks.single_run(_VARIANTS, arg, "tiny", "configs/soft_prompt.py")
+    config = blocks.single_run(VARIANTS, arg, "tiny", "configs/soft_prompt.py")
     config.train.objective = "soft_prompt"
     config.train.eval_every = max(config.train.steps // 3, 1)
     config.train.checkpoint_every = max(config.train.steps // 2, 1)
@@ -41,5 +40,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.clip_norm = 1.0
     config.data.validation_fraction = 0.05
     config.data.chat_template = "auto"
-    config.soft_prompt = soft_prompt_section()
+    config.soft_prompt = blocks.soft_prompt()
     return config

@@ -15,28 +15,36 @@ Variants: `tiny` (default: 300 steps of 16 x 128 tokens at lr 1e-3, minutes on a
 (benchmarks/keep_sparse.py). The last stdout line is configs/dense.py's plus "sparsity".
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import blocks, dense
 
-_VARIANTS = {
-    # dense variant, steps, lr, warmup
-    "tiny": ("tiny", 300, 1e-3, 20),
-    "m25": ("m25", 1000, 3e-4, 50),
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Continued:
+    """A configs/dense.py variant continued sparse: its model and data, these steps and lr."""
+
+    dense: str  # the configs/dense.py variant
+    steps: int
+    lr: float
+    warmup_steps: int
+
+
+VARIANTS = {
+    "tiny": Continued(dense="tiny", steps=300, lr=1e-3, warmup_steps=20),
+    "m25": Continued(dense="m25", steps=1000, lr=3e-4, warmup_steps=50),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/sparse.py; choose one of "
-                         f"{sorted(_VARIANTS)}")
-    base, steps, lr, warmup = _VARIANTS[variant]
-    config = dense.get_config(base)
-    config.train.steps = steps
-    config.train.eval_every = max(steps // 3, 1)
-    config.train.checkpoint_every = max(steps // 3, 1)
-    config.optimizer.lr = lr
-    config.optimizer.warmup_steps = warmup
+    run = blocks.pick(VARIANTS, arg, "tiny", "configs/sparse.py")
+    config = dense.get_config(run.dense)
+    config.train.steps = run.steps
+    config.train.eval_every = max(run.steps // 3, 1)
+    config.train.checkpoint_every = max(run.steps // 3, 1)
+    config.optimizer.lr = run.lr
+    config.optimizer.warmup_steps = run.warmup_steps
     config.sparsity = blocks.sparsity(keep=True)
     return config

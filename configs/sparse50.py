@@ -13,6 +13,8 @@ import ml_collections
 
 from configs import sparse70
 
+VARIANTS = sparse70.VARIANTS  # the same sizes
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return sparse70.build(arg or "full", 0.5)

@@ -25,46 +25,75 @@ Last stdout line: {"stages": [{"name", "sparsity", "perplexity", "tokens", "seco
 "hf_dir", "workdir"}; DIR/loss.png and DIR/sparsity.png plot the run.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import blocks
 
-# variant -> preset, seq_len, batch, grad_accum, dense tokens, sparse50 tokens, sparse70
-# tokens, dense lr, sparse lr, warmup, calibration windows, calibration seq_len, mesh fsdp
-_VARIANTS = {
-    "full": ("llama2_7b", 2048, 1024, 64, 0, 45e9, 100e9, 3e-4, 1e-4, 1000, 128, 2048, -1),
-    "tiny": ("tiny", 128, 16, 1, 2_457_600, 409_600, 614_400, 3e-3, 1e-3, 20, 32, 128, 1),
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One size of the recipe: the paper's hyper-parameter table, one row."""
+
+    preset: str
+    seq_len: int  # tokens per training window
+    batch: int  # global sequences per update, every train stage
+    grad_accum: int  # micro-batches per update
+    tokens_dense: float  # dense pretraining budget (0: start from model.hf_path)
+    tokens50: float  # sparse pretraining at 50%
+    tokens70: float  # sparse pretraining at the final sparsity
+    lr_dense: float
+    lr: float  # both sparse stages
+    warmup_dense: int
+    warmup: int  # both sparse stages
+    calibration_samples: int  # SparseGPT calibration windows, each prune stage
+    calibration_len: int  # their tokens
+    fsdp: bool  # params sharded over all devices (mesh data 1, fsdp -1); False: data parallel
+    checkpoint_every: int  # train stages' steps between checkpoints
+    eval_max_chars: int  # the embedded corpus's held-out text measured (0: all of it)
+
+
+VARIANTS = {
+    "full": Recipe(preset="llama2_7b", seq_len=2048, batch=1024, grad_accum=64,
+                   tokens_dense=0, tokens50=45e9, tokens70=100e9, lr_dense=3e-4, lr=1e-4,
+                   warmup_dense=1000, warmup=1000, calibration_samples=128,
+                   calibration_len=2048, fsdp=True, checkpoint_every=1000, eval_max_chars=0),
+    "tiny": Recipe(preset="tiny", seq_len=128, batch=16, grad_accum=1,
+                   tokens_dense=2_457_600, tokens50=409_600, tokens70=614_400, lr_dense=3e-3,
+                   lr=1e-3, warmup_dense=30, warmup=20, calibration_samples=32,
+                   calibration_len=128, fsdp=False, checkpoint_every=100,
+                   eval_max_chars=200_000),
 }
 
 
 def build(variant: str, final_sparsity: float) -> ml_collections.ConfigDict:
     """The recipe up to `final_sparsity` (0.5: configs/sparse50.py, 0.7: this file)."""
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(_VARIANTS)}")
-    (preset, seq_len, batch, accum, dense_tokens, tokens50, tokens70, dense_lr, lr, warmup,
-     cal_n, cal_len, fsdp) = _VARIANTS[variant]
+    r = blocks.pick(VARIANTS, variant, "full", "configs/sparse70.py")
     config = ml_collections.ConfigDict()
-    config.model = blocks.model(preset)
+    config.model = blocks.model(r.preset)
     config.mesh = blocks.mesh()
-    if fsdp == -1:
+    if r.fsdp:
         config.mesh.data, config.mesh.fsdp = 1, -1
-    config.data = blocks.data(seq_len=seq_len)
-    config.eval = blocks.recipe_eval(seq_len, max_chars=0 if variant == "full" else 200_000)
-    config.dense = blocks.train_stage(dense_tokens, lr=dense_lr, batch_size=batch,
-                                      warmup_steps=max(warmup, 30), sparse=False)
-    config.prune50 = blocks.prune_stage(0.5, num_samples=cal_n, seq_len=cal_len)
-    config.sparse50 = blocks.train_stage(tokens50, lr=lr, batch_size=batch, warmup_steps=warmup,
-                                         sparse=True)
+    config.data = blocks.data(seq_len=r.seq_len)
+    config.eval = blocks.recipe_eval(r.seq_len, max_chars=r.eval_max_chars)
+    config.dense = blocks.train_stage(r.tokens_dense, lr=r.lr_dense, batch_size=r.batch,
+                                      warmup_steps=r.warmup_dense, sparse=False)
+    config.prune50 = blocks.prune_stage(0.5, num_samples=r.calibration_samples,
+                                        seq_len=r.calibration_len)
+    config.sparse50 = blocks.train_stage(r.tokens50, lr=r.lr, batch_size=r.batch,
+                                         warmup_steps=r.warmup, sparse=True)
     stages = ["dense", "prune50", "sparse50"]
     if final_sparsity > 0.5:
-        config.prune70 = blocks.prune_stage(final_sparsity, num_samples=cal_n, seq_len=cal_len)
-        config.sparse70 = blocks.train_stage(tokens70, lr=lr, batch_size=batch,
-                                             warmup_steps=warmup, sparse=True)
+        config.prune70 = blocks.prune_stage(final_sparsity, num_samples=r.calibration_samples,
+                                            seq_len=r.calibration_len)
+        config.sparse70 = blocks.train_stage(r.tokens70, lr=r.lr, batch_size=r.batch,
+                                             warmup_steps=r.warmup, sparse=True)
         stages += ["prune70", "sparse70"]
     for name in stages:
         if config[name].kind == "train":
-            config[name].train.grad_accum = accum
-            config[name].train.checkpoint_every = 1000 if variant == "full" else 100
+            config[name].train.grad_accum = r.grad_accum
+            config[name].train.checkpoint_every = r.checkpoint_every
     config.eval_final = ml_collections.ConfigDict({"kind": "eval"})
     config.export = ml_collections.ConfigDict({"kind": "export", "dtype": ""})
     config.stages = (*stages, "eval_final", "export")

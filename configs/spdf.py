@@ -3,7 +3,7 @@
     python -m launch.train --config=configs/spdf.py:tiny --workdir=DIR
     python -m launch.train --config=configs/spdf.py:tiny_prune --config.model.hf_path=DENSE --workdir=DIR
 
-Stages (sparse_llama/recipes/stages.py; each in DIR/<stage>/, resumable):
+Stages (sparse_llama/commands/recipe.py; each in DIR/<stage>/, resumable):
 - `tiny` / `m25`: `sparse_pretrain` from scratch with a static unstructured mask chosen at
   initialisation (`sparse_pretrain.mask_init` = random | magnitude, `mask_sparsity` 0.75 as the
   paper's highest setting), the mask kept exactly; `dense_finetune` with the mask released:
@@ -18,39 +18,59 @@ Last stdout line: {"stages": [{"name", "sparsity", "perplexity", "tokens", "seco
 "hf_dir", "workdir"}.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import blocks
 
-# variant -> preset, seq_len, batch, sparse tokens, dense tokens, sparse lr, dense lr, warmup
-_VARIANTS = {
-    "tiny": ("tiny", 128, 16, 1_638_400, 409_600, 3e-3, 1e-3, 30),
-    "tiny_prune": ("tiny", 128, 16, 409_600, 409_600, 1e-3, 1e-3, 20),
-    "m25": ("m25", 256, 32, 49_152_000, 8_192_000, 1e-3, 3e-4, 100),
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One SPDF variant: sparse pretraining, then dense fine-tuning, on the same batches."""
+
+    preset: str
+    seq_len: int
+    batch: int  # global sequences per update, both stages
+    sparse_tokens: float  # sparse_pretrain budget
+    dense_tokens: float  # dense_finetune budget
+    sparse_lr: float
+    dense_lr: float
+    warmup_steps: int  # both stages
+    prune: bool  # start with SparseGPT of model.hf_path, not a random mask at initialisation
+
+
+VARIANTS = {
+    "tiny": Recipe(preset="tiny", seq_len=128, batch=16, sparse_tokens=1_638_400,
+                   dense_tokens=409_600, sparse_lr=3e-3, dense_lr=1e-3, warmup_steps=30,
+                   prune=False),
+    "tiny_prune": Recipe(preset="tiny", seq_len=128, batch=16, sparse_tokens=409_600,
+                         dense_tokens=409_600, sparse_lr=1e-3, dense_lr=1e-3, warmup_steps=20,
+                         prune=True),
+    "m25": Recipe(preset="m25", seq_len=256, batch=32, sparse_tokens=49_152_000,
+                  dense_tokens=8_192_000, sparse_lr=1e-3, dense_lr=3e-4, warmup_steps=100,
+                  prune=False),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/spdf.py; choose one of "
-                         f"{sorted(_VARIANTS)}")
-    preset, seq_len, batch, sparse_tokens, dense_tokens, sparse_lr, dense_lr, warmup = (
-        _VARIANTS[variant])
+    r = blocks.pick(VARIANTS, arg, "tiny", "configs/spdf.py")
     config = ml_collections.ConfigDict()
-    config.model = blocks.model(preset)
+    config.model = blocks.model(r.preset)
     config.mesh = blocks.mesh()
-    config.data = blocks.data(seq_len=seq_len)
-    config.eval = blocks.recipe_eval(seq_len, max_chars=200_000)
-    config.sparse_pretrain = blocks.train_stage(sparse_tokens, lr=sparse_lr, batch_size=batch,
-                                                warmup_steps=warmup, sparse=True)
-    config.dense_finetune = blocks.train_stage(dense_tokens, lr=dense_lr, batch_size=batch,
-                                               warmup_steps=warmup, sparse=False)
+    config.data = blocks.data(seq_len=r.seq_len)
+    config.eval = blocks.recipe_eval(r.seq_len, max_chars=200_000)
+    config.sparse_pretrain = blocks.train_stage(r.sparse_tokens, lr=r.sparse_lr,
+                                                batch_size=r.batch,
+                                                warmup_steps=r.warmup_steps, sparse=True)
+    config.dense_finetune = blocks.train_stage(r.dense_tokens, lr=r.dense_lr,
+                                               batch_size=r.batch,
+                                               warmup_steps=r.warmup_steps, sparse=False)
     config.dense_finetune.release = True  # the point of SPDF: the zeros may train now
     config.eval_final = ml_collections.ConfigDict({"kind": "eval"})
     stages = ["sparse_pretrain", "dense_finetune", "eval_final"]
-    if variant == "tiny_prune":
-        config.prune = blocks.prune_stage(0.75, num_samples=32, seq_len=seq_len)
+    if r.prune:
+        config.prune = blocks.prune_stage(0.75, num_samples=32, seq_len=r.seq_len)
         stages.insert(0, "prune")
     else:
         config.sparse_pretrain.mask_init = "random"

@@ -1,7 +1,7 @@
 """Perplexity of a model on a text file (configs/eval.py says how)."""
 
-from sparse_llama import launching
-from sparse_llama.eval import run
+from sparse_llama.commands import eval as run
+from sparse_llama.commands import launching
 
 _CONFIG = launching.define_config("configs/eval.py")
 

@@ -7,8 +7,7 @@ No --config: the checkpoint carries the model, optimizer and mesh settings it wa
 
 from absl import app, flags
 
-from sparse_llama import launching
-from sparse_llama.train import export
+from sparse_llama.commands import export, launching
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the export (default WORKDIR/hf).")
@@ -21,7 +20,7 @@ def _main(argv):
     def run() -> dict:
         if not _WORKDIR.value:
             raise ValueError("--workdir is required")
-        return export.export_latest(_WORKDIR.value, _OUT_DIR.value)
+        return export.export_workdir(_WORKDIR.value, _OUT_DIR.value)
 
     launching.main(run)
 

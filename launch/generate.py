@@ -1,7 +1,7 @@
 """Complete a prompt with a model directory (configs/generate.py says how)."""
 
-from sparse_llama import launching
-from sparse_llama.model import completion
+from sparse_llama.commands import generate as completion
+from sparse_llama.commands import launching
 
 _CONFIG = launching.define_config("configs/generate.py")
 

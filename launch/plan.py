@@ -4,7 +4,7 @@
 
 `--num_devices=N`: plan on N devices: the real ones when this machine has N, else N fake CPU
 devices (the step is only lowered and compiled, nothing is allocated). Any training config or
-recipe, with its `--config.key=value` overrides (sparse_llama/train/plan.py).
+recipe, with its `--config.key=value` overrides (sparse_llama/commands/plan.py).
 Last stdout line: the plan as JSON, with `peak_bytes_per_device` and, with
 `--device_memory_gb`, `fits` (and `fits_with` when it does not).
 """
@@ -29,9 +29,10 @@ if _N:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_N}").strip()
 
+import jax  # noqa: E402  (after XLA_FLAGS: the device count is fixed when jax starts)
 from absl import flags  # noqa: E402
 
-from sparse_llama import launching  # noqa: E402
+from sparse_llama.commands import launching, plan  # noqa: E402
 
 _CONFIG = launching.define_config("configs/dense.py")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to plan for (default: all).")
@@ -39,10 +40,6 @@ _MEMORY = flags.DEFINE_float("device_memory_gb", None, "Memory of one device in 
 
 
 def _plan(config) -> dict:
-    import jax
-
-    from sparse_llama.train import plan
-
     n = _NUM_DEVICES.value or jax.device_count()
     if n < 1:
         raise ValueError(f"--num_devices must be positive, got {n}")

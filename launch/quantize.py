@@ -1,7 +1,7 @@
 """Quantize a (sparse) model directory (configs/quantize.py says how)."""
 
-from sparse_llama import launching
-from sparse_llama.quant import run
+from sparse_llama.commands import launching
+from sparse_llama.commands import quantize as run
 
 _CONFIG = launching.define_config("configs/quantize.py")
 

@@ -3,9 +3,8 @@ sparse.py) or, for a config with `stages`, a staged recipe (configs/sparse70.py,
 
 from absl import flags
 
-from sparse_llama import launching
-from sparse_llama.recipes import stages
-from sparse_llama.train import loop
+from sparse_llama.commands import launching, recipe
+from sparse_llama.commands import train as train_command
 
 _CONFIG = launching.define_config("configs/dense.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, hf export.")
@@ -15,8 +14,8 @@ def _train(config) -> dict:
     if not _WORKDIR.value:
         raise ValueError("--workdir is required (checkpoints, metrics and the export go there)")
     if "stages" in config:
-        return stages.run(config, _WORKDIR.value)
-    return loop.train(config, _WORKDIR.value)
+        return recipe.run(config, _WORKDIR.value)
+    return train_command.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def finetune_dirs(tmp_path_factory):
     from sparse_llama.data.tokenizer import default_tokenizer
     from sparse_llama.model import hf_io, llama
     from sparse_llama.model.config import preset
-    from sparse_llama.sparsity.sparse_export import save_sparse_hf
+    from sparse_llama.sparse_io.sparse_export import save_sparse_hf
     from sparse_llama.sparsity.static import static_masks
 
     cfg = preset("tiny")

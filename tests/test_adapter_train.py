@@ -1,5 +1,5 @@
 """LoRA (configs/finetune.py with finetune.lora_rank) and soft prompts (configs/soft_prompt.py)
-end to end through `loop.train`: what trains, what is exported, resume, refusals."""
+end to end through `commands.train`: what trains, what is exported, resume, refusals."""
 
 import json
 
@@ -9,10 +9,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import finetune, soft_prompt
+from sparse_llama.commands import export as export_command
+from sparse_llama.commands import train as train_command
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import hf_io, lora
 from sparse_llama.model import soft_prompt as prompts
-from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import export, loop
+from sparse_llama.sparsity.masks import is_target
+from sparse_llama.train import run_setup
 
 
 def _small(config, data_path, steps=3):
@@ -41,7 +44,7 @@ def _flat(params):
 
 
 def test_lora_trains_adapters_and_exports_the_merge_with_the_base_zeros(finetune_dirs, tmp_path):
-    summary = loop.train(_lora_config(finetune_dirs), str(tmp_path / "run"))
+    summary = train_command.train(_lora_config(finetune_dirs), str(tmp_path / "run"))
     assert summary["step"] == 3 and np.isfinite(summary["eval_perplexity"])
     assert abs(summary["sparsity"] - 0.7) < 0.01  # exact zeros counted in the merged export
     _, base = hf_io.load_hf(finetune_dirs[1])
@@ -66,13 +69,13 @@ def test_lora_trains_adapters_and_exports_the_merge_with_the_base_zeros(finetune
     # The checkpoint holds only the adapters: a longer rerun resumes from them.
     config = _lora_config(finetune_dirs)
     config.train.steps = 4
-    assert loop.train(config, str(tmp_path / "run"))["step"] == 4
+    assert train_command.train(config, str(tmp_path / "run"))["step"] == 4
     with pytest.raises(ValueError, match="trained LoRA adapters of a frozen model"):
-        export.export_latest(str(tmp_path / "run"))
+        export_command.export_workdir(str(tmp_path / "run"))
 
 
 def test_lora_wraps_distillation(finetune_dirs, tmp_path):
-    summary = loop.train(_lora_config(finetune_dirs, objective="distill"), str(tmp_path / "r"))
+    summary = train_command.train(_lora_config(finetune_dirs, objective="distill"), str(tmp_path / "r"))
     assert summary["step"] == 3 and abs(summary["sparsity"] - 0.7) < 0.01
     assert summary["adapters"].endswith("adapters.safetensors")
 
@@ -89,7 +92,7 @@ def test_bad_lora_settings_fail_before_any_step(finetune_dirs, tmp_path, change,
         section, name = key.split(".")
         config[section][name] = value
     with pytest.raises(ValueError, match=message):
-        loop.train(config, str(tmp_path / "run"))
+        train_command.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -104,12 +107,12 @@ def _prompt_config(dirs, **section):
 def test_soft_prompt_training_writes_a_prompt_that_lowers_the_loss(finetune_dirs, tmp_path):
     config = _prompt_config(finetune_dirs, init_text="def f(x):")
     config.train.steps = 6
-    summary = loop.train(config, str(tmp_path / "run"))
+    summary = train_command.train(config, str(tmp_path / "run"))
     assert "hf_dir" not in summary  # the model is not changed, so not written again
     saved = load_file(summary["soft_prompt"])[prompts.TENSOR]
     assert saved.shape == (6, 64)
     _, base = hf_io.load_hf(finetune_dirs[1])
-    tokenizer = loop.resolve_tokenizer(config)[0]
+    tokenizer = run_setup.resolve_tokenizer(config)[0]
     init = np.asarray(prompts.init_from_text(base, tokenizer.encode("def f(x):"), 6))
     assert np.abs(saved - init).max() > 1e-3  # it trained from the init text's embeddings
     records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
@@ -119,8 +122,8 @@ def test_soft_prompt_training_writes_a_prompt_that_lowers_the_loss(finetune_dirs
 
 def test_soft_prompt_settings_are_checked(finetune_dirs, tmp_path):
     with pytest.raises(ValueError, match="num_tokens must be a positive integer"):
-        loop.train(_prompt_config(finetune_dirs, num_tokens=0), str(tmp_path / "a"))
+        train_command.train(_prompt_config(finetune_dirs, num_tokens=0), str(tmp_path / "a"))
     config = _prompt_config(finetune_dirs)
     config.model.hf_path = ""
     with pytest.raises(ValueError, match="a soft prompt adapts a trained model"):
-        loop.train(config, str(tmp_path / "b"))
+        train_command.train(config, str(tmp_path / "b"))

@@ -14,9 +14,10 @@ import pytest
 from jax import export
 
 from configs import blocks
-from sparse_llama.model import layers, llama, loading
+from sparse_llama import loading
+from sparse_llama.model import layers, llama
 from sparse_llama.model.config import preset
-from sparse_llama.train.loss import lm_loss
+from sparse_llama.model.loss import lm_loss
 
 CFG = preset("tiny").replace(vocab_size=96, max_position_embeddings=512)  # 4 heads, 2 KV
 

@@ -130,7 +130,7 @@ def test_prune_writes_a_checkpoint_transformers_loads(checkpoint, tmp_path):
     assert out["perplexity_after"] == pytest.approx(expected, rel=1e-4)
     before, _ = hf_perplexity(model, ckpt, text, 32)
     assert out["perplexity_before"] == pytest.approx(before, rel=1e-4)
-    from sparse_llama.sparsity import mask_io
+    from sparse_llama.sparse_io import mask_io
 
     masks = mask_io.load_masks(out_dir / "masks")
     q = np.asarray(masks["layers"]["self_attn"]["q_proj"][0]).T  # stored (in, out)
@@ -199,7 +199,7 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
 
 def run_main(run_fn, capsys):
     """`launching.main(run_fn)` in this process: (exit status, stdout, stderr)."""
-    from sparse_llama import launching
+    from sparse_llama.commands import launching
 
     code = 0
     try:

@@ -7,7 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from sparse_llama.compilation import CompileClock
+from sparse_llama.ground.compilation import CompileClock
 
 
 def test_the_clock_counts_compiles_and_not_cached_calls():
@@ -22,7 +22,7 @@ def test_the_clock_counts_compiles_and_not_cached_calls():
 
 
 def test_commands_fill_the_cache_a_second_process_reads(tmp_path):
-    script = ("from sparse_llama.compilation import enable_persistent_cache\n"
+    script = ("from sparse_llama.ground.compilation import enable_persistent_cache\n"
               "import jax, jax.numpy as jnp\n"
               "hits = []\n"
               "jax.monitoring.register_event_listener(\n"

@@ -2,7 +2,7 @@
 
 A model trained by the suite (the tiny preset, on a folder of English documents of the
 embedded corpus: Python's reference manual, docstrings and text files) is trained further on a
-text file of other such documents, once by `loop.train` with the dense
+text file of other such documents, once by `commands.train` with the dense
 defaults (a small learning rate) and once by a plain torch loop over random windows of the
 same tokens with the same optimizer settings and token budget (the reference). Both are
 measured on a third, held-out text with `evaluate_text` (wikitext-style windows).
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from configs import blocks, dense
+from sparse_llama import loading
+from sparse_llama.commands import train as train_command
+from sparse_llama.commands.eval import evaluate_text
 from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import default_tokenizer
-from sparse_llama.eval.run import evaluate_text
-from sparse_llama.model import loading
-from sparse_llama.train import loop
 
 SEQ_LEN, BATCH = 256, 8
 PRETRAIN_STEPS, CONTINUE_STEPS = 120, 40
@@ -112,13 +112,13 @@ def test_continued_pretraining_does_not_raise_held_out_perplexity(tmp_path):
     pytest.importorskip("transformers")
     folder, more, held = _slices(tmp_path)
     tokenizer = default_tokenizer(512)
-    pretrained = loop.train(_config(PRETRAIN_STEPS, path=str(folder)), str(tmp_path / "a"))
+    pretrained = train_command.train(_config(PRETRAIN_STEPS, path=str(folder)), str(tmp_path / "a"))
     base = pretrained["hf_dir"]
 
     config = _config(CONTINUE_STEPS, path=str(more), eval_path=str(held))
     config.model.hf_path = base
     config.optimizer.update(OPTIMIZER)
-    ours = loop.train(config, str(tmp_path / "b"))["hf_dir"]
+    ours = train_command.train(config, str(tmp_path / "b"))["hf_dir"]
     stream = np.asarray(tokenizer.encode(more.read_text()), np.int32)
     _torch_continued(base, stream, tmp_path / "torch", CONTINUE_STEPS)
 

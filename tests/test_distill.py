@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -10,8 +11,8 @@ from configs import blocks
 from sparse_llama.distill import losses
 from sparse_llama.distill import objective as distill
 from sparse_llama.model import llama
+from sparse_llama.model import loss as loss_lib
 from sparse_llama.model.config import preset
-from sparse_llama.train import loss as loss_lib
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.step import _split_micro, make_train_step
 
@@ -216,10 +217,10 @@ def test_teacher_of_another_vocabulary_or_depth_is_refused():
 
 
 def test_bad_distill_sections_are_refused(tmp_path):
-    config = blocks.__dict__.get("ml_collections").ConfigDict({"model": blocks.model()})
+    config = ml_collections.ConfigDict({"model": blocks.model()})
     with pytest.raises(ValueError, match="needs a distill section"):
         distill.check_distill_config(config)
-    config.distill = distill.section()
+    config.distill = blocks.distill()
     with pytest.raises(ValueError, match="teacher_path is empty"):
         distill.check_distill_config(config)
     (tmp_path / "config.json").write_text("{}")
@@ -230,5 +231,6 @@ def test_bad_distill_sections_are_refused(tmp_path):
     config.distill.update(temperature=1.0, ce_weight=0.0, kd_weight=0.0, layer_weight=0.0)
     with pytest.raises(ValueError, match="all 0"):
         distill.check_distill_config(config)
-    with pytest.raises(ValueError, match="unknown distill keys"):
-        distill.section(tau=2.0)
+    config.distill.tau = 2.0  # a key the section does not have: named with the allowed ones
+    with pytest.raises(ValueError, match=r"distill has no key 'tau'; the keys of distill are"):
+        distill.check_distill_config(config)

@@ -1,13 +1,13 @@
-"""configs/finetune_distill.py end to end through `loop.train`, and its up-front refusals."""
+"""configs/finetune_distill.py end to end through `commands.train`, and its up-front refusals."""
 
 import json
 
 import pytest
 
 from configs import finetune_distill
+from sparse_llama.commands import train as train_command
 from sparse_llama.data.tokenizer import train_bpe
 from sparse_llama.model.config import preset
-from sparse_llama.train import loop
 
 CFG = preset("tiny")
 
@@ -31,7 +31,7 @@ def _config(dirs, data_path, **distill):
 
 
 def test_distillation_on_chat_data_keeps_the_mask_and_reports_each_term(dirs, tmp_path):
-    summary = loop.train(_config(dirs, dirs[2]), str(tmp_path / "run"))  # instruction JSONL
+    summary = train_command.train(_config(dirs, dirs[2]), str(tmp_path / "run"))  # instruction JSONL
     assert summary["step"] == 3 and summary["eval_perplexity"] > 1
     assert abs(summary["sparsity"] - 0.7) < 0.01
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -57,4 +57,4 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_loading(dirs, tmp_pa
     tok = train_bpe(["some other text entirely"] * 10, 300)
     tok.save(other)
     with pytest.raises(ValueError, match="the teacher's tokenizer .* differs from the student"):
-        loop.train(_config(dirs, text, teacher_path=str(other)), str(tmp_path / "run"))
+        train_command.train(_config(dirs, text, teacher_path=str(other)), str(tmp_path / "run"))

@@ -97,8 +97,8 @@ def test_document_files_are_read_as_training_reads_them(checkpoint, tmp_path, ki
 
 
 def test_a_text_file_is_one_stream_and_a_folder_is_documents(tmp_path):
+    from sparse_llama.commands.eval import eval_tokens
     from sparse_llama.data.tokenizer import load_tokenizer
-    from sparse_llama.eval.run import eval_tokens
 
     tok = load_tokenizer(hf_fixtures.save_tokenizer(tmp_path / "tok"))
     a, b = hf_fixtures.SENTENCES[:2]

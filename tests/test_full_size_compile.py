@@ -11,14 +11,16 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import sparse70
-from sparse_llama.model import loading, sharding
+from sparse_llama import loading, objectives
+from sparse_llama.commands import recipe as stages
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.model import sharding
 from sparse_llama.model.config import param_count
+from sparse_llama.model.loss import BATCH_KEYS
 from sparse_llama.optim.keep_sparse import KeepSparseState, find_masks
-from sparse_llama.recipes import stages
-from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import loop, objectives
+from sparse_llama.sparsity.masks import is_target
+from sparse_llama.train import run_setup
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.loss import BATCH_KEYS
 from sparse_llama.train.step import make_train_step
 
 # A micro-batch of 8 x 2048 tokens and no accumulation, instead of the recipe's 1024 x 2048 in
@@ -49,7 +51,7 @@ def full_step():
     rules = sharding.rules_from_config(run.mesh)
     model = loading.model_config(run.model)
     objective = objectives.build(run, model, mesh, rules)
-    optimizer, schedule = loop.run_optimizer(run, objective)
+    optimizer, schedule = run_setup.run_optimizer(run, objective)
     abstract = state_lib.abstract_state(model, optimizer, mesh, rules,
                                         param_dtype=jnp.dtype(run.model.param_dtype))
     shardings = jax.tree.map(lambda a: a.sharding, abstract)

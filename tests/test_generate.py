@@ -139,7 +139,7 @@ def tokenizers(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["plain", "bos"])
 def test_prompts_are_encoded_as_transformers_encodes_them(tokenizers, kind):
-    from sparse_llama.model.completion import encode_prompt
+    from sparse_llama.commands.generate import encode_prompt
 
     ours, theirs, _ = tokenizers[kind]
     text = "a llama walks"
@@ -155,7 +155,7 @@ def test_stop_ids_are_every_eos_of_the_generation_config(tokenizers, tmp_path):
     import json
     import shutil
 
-    from sparse_llama.model.completion import stop_token_ids
+    from sparse_llama.commands.generate import stop_token_ids
 
     ours, _, path = tokenizers["plain"]
     model_dir = shutil.copytree(path, tmp_path / "m")

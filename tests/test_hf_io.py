@@ -208,7 +208,7 @@ def test_save_refuses_to_replace_a_non_checkpoint_dir(loaded, tmp_path):
     config, params = loaded
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="refusing"):
+    with pytest.raises(FileExistsError, match="holds no config.json"):
         hf_io.save_hf(params, config, tmp_path / "home")
     assert (tmp_path / "home" / "notes.txt").read_text() == "precious"
 

@@ -18,9 +18,10 @@ from hf_fixtures import (
 )
 from safetensors import safe_open
 
+from sparse_llama.ground.tree_paths import get_path, path_name
 from sparse_llama.model import hf_config, hf_io, layers, llama
 from sparse_llama.model.config import rope_inverse_frequencies
-from sparse_llama.sparsity.masks import dense_masks, is_target, path_name
+from sparse_llama.sparsity.masks import dense_masks, is_target
 
 VARIANTS = {
     # hidden 48, 6 heads, 2 kv heads, MLP 80, vocab 101 (hf_fixtures.TINY)
@@ -133,8 +134,8 @@ def test_masked_save_writes_exact_zeros(ckpt, tmp_path):
     out = hf_io.save_hf(params, config, tmp_path / "masked", masks=masks)
     with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
         for name, where in hf_io.hf_tensor_names(config).items():
-            w = np.asarray(hf_io.get_path(params, where.path))
-            m = np.broadcast_to(np.asarray(hf_io.get_path(masks, where.path)), w.shape)
+            w = np.asarray(get_path(params, where.path))
+            m = np.broadcast_to(np.asarray(get_path(masks, where.path)), w.shape)
             if where.layer is not None:
                 w, m = w[where.layer], m[where.layer]
             if where.transpose:

@@ -14,6 +14,7 @@ from batches import random_batch
 from safetensors.numpy import load_file
 
 from configs import blocks
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import preset
 from sparse_llama.optim import factory
@@ -41,7 +42,7 @@ def random_masks(params, seed=0, pruned=0.6):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
         lambda path, w: (jnp.asarray(rng.random(w.shape) >= pruned)
-                         if masks_lib.is_target(masks_lib.path_name(path))
+                         if masks_lib.is_target(path_name(path))
                          else jnp.ones((), jnp.bool_)), params)
 
 
@@ -54,7 +55,7 @@ def sparse_params(seed=0):
 def named(tree) -> dict:
     """{'layers/mlp/up_proj': leaf, ...} as float64/bool numpy arrays."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {masks_lib.path_name(p): np.asarray(x) for p, x in flat}
+    return {path_name(p): np.asarray(x) for p, x in flat}
 
 
 def pruned_values(params, masks):

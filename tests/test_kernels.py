@@ -5,6 +5,7 @@ for the VJP, numpy transcriptions of the bit layouts (compressed-tensors include
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from jax import export
 
 from sparse_llama import kernels
-from sparse_llama.kernels import bitmask, bitmask_matmul, two_four, two_four_matmul
+from sparse_llama.kernels import bitmask, bitmask_matmul, packed, two_four, two_four_matmul
 
 # Partial tiles everywhere: M=20 rows over 16-row tiles, N=130 columns over 128, and K not a
 # multiple of the K tile (bitmask: 200 rows over 128-row tiles; 2:4: 70 groups over 32).
@@ -182,3 +183,51 @@ def test_kernels_lower_for_their_backend(fmt, kernel):
                              disabled_checks=[triton])(x, kernels.pack(w, fmt))
     text = exported.mlir_module()
     assert ("tpu_custom_call" if kernel == "tpu" else "xla.gpu.triton") in text
+
+
+# A toy format written as a new module would be: what the base and the registry promise.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _ToyWeight(packed.PackedWeight):
+    values: Any  # (..., 1, K, N): w off the mask zeroed
+    mask: Any
+    shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
+
+    PACKED_AXES = {"values": ("packed_one", "packed_k"), "mask": ("packed_k",)}
+
+    @property
+    def packing(self) -> packed.Format:
+        return _TOY
+
+
+def _toy_pack(w, *, mask=None):
+    m = packed.kept_mask(w, mask)
+    return _ToyWeight(values=jnp.where(m, w, 0)[..., None, :, :], mask=m, shape=w.shape[-2:])
+
+
+def _toy_kernel(x, p, *, block_m, interpret):
+    del block_m, interpret
+    return packed.matmul_reference(x, p)
+
+
+_TOY = packed.Format(
+    name="toy", pack=_toy_pack, unpack=lambda p: p.values[..., 0, :, :],
+    unpack_mask=lambda p: p.mask,
+    values_cotangent=lambda p, g: p.cotangent(jnp.where(p.mask, g, 0)[None]),
+    kernels={"gpu": _toy_kernel, "tpu": _toy_kernel, "reference": packed.matmul_reference})
+
+
+def test_a_new_format_is_one_module_and_one_registry_entry(monkeypatch):
+    monkeypatch.setitem(kernels.ops.FORMATS, _TOY.name, _TOY)  # the one line in ops.py
+    w = sparse_weight("bitmask", (K["bitmask"], N), seed=9)
+    x = jnp.asarray(np.random.default_rng(10).normal(size=(2, K["bitmask"])), jnp.float32)
+    p = kernels.pack(jnp.asarray(w), "toy")
+    assert kernels.is_packed(p) and p.format == "toy" and p.nbytes == w.size * 4 + w.size
+    assert p.logical_axes(("embed", "mlp")).mask == ("packed_k", "mlp")
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_mask(p)), w != 0)
+    for kernel in ("reference", "gpu"):
+        np.testing.assert_allclose(kernels.matmul(x, p, kernel=kernel), x @ w, rtol=1e-5,
+                                   atol=1e-4)
+    np.testing.assert_allclose(p.matmul(x), x @ w, rtol=1e-5, atol=1e-4)
+    g = jax.grad(lambda p: jnp.sum(kernels.matmul(x, p)), allow_int=True)(p)
+    assert g.mask.dtype == jax.dtypes.float0 and np.all(np.asarray(g.values)[0][w == 0] == 0)

@@ -11,13 +11,15 @@ import torch
 
 from configs import eval as eval_config
 from configs import generate as generate_config
-from sparse_llama import kernels
-from sparse_llama.eval import run as eval_run
+from sparse_llama import kernels, loading
+from sparse_llama.commands import eval as eval_run
+from sparse_llama.commands import generate as completion
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.kernels.serving import pack_params
-from sparse_llama.model import completion, llama, loading
+from sparse_llama.model import llama
 from sparse_llama.model.config import preset
-from sparse_llama.pruning.magnitude import mask_smallest_nm
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, dense_masks, is_target, path_name
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, dense_masks, is_target
+from sparse_llama.sparsity.selection import mask_smallest_nm
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -7,14 +7,14 @@ import optax
 import pytest
 from batches import random_batch
 
+from sparse_llama.adapters import objective as adapters_lib
+from sparse_llama.ground.tree_paths import get_path, path_name
 from sparse_llama.model import llama, lora
+from sparse_llama.model import loss as loss_lib
 from sparse_llama.model.config import preset
-from sparse_llama.model.hf_io import get_path
-from sparse_llama.sparsity.masks import masks_from_zeros, path_name
-from sparse_llama.train import adapters as adapters_lib
-from sparse_llama.train import loss as loss_lib
+from sparse_llama.sparsity.masks import masks_from_zeros
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.objectives import Objective, lm_objective
+from sparse_llama.train.objective import Objective, lm_objective
 from sparse_llama.train.step import make_train_step
 
 CFG = preset("tiny").replace(vocab_size=64, max_position_embeddings=32)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from configs import dense, sparse70
+from sparse_llama.commands import plan
+from sparse_llama.commands import recipe as stages
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama
 from sparse_llama.model.config import param_count, preset
-from sparse_llama.recipes import stages
-from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import plan
+from sparse_llama.sparsity.masks import is_target
 
 ROOT = Path(__file__).resolve().parents[1]
 

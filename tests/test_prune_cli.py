@@ -15,7 +15,7 @@ import torch
 from test_cli import ENV, last_json, run_cli
 
 from configs import prune as prune_configs
-from sparse_llama.pruning import run as prune_run
+from sparse_llama.commands import prune as prune_run
 from sparse_llama.pruning import stream
 
 

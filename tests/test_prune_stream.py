@@ -20,10 +20,10 @@ from safetensors.numpy import load_file
 
 from sparse_llama.eval import perplexity
 from sparse_llama.model import hf_io, llama, safetensors_stream
-from sparse_llama.pruning import driver, stream
-from sparse_llama.sparsity import mask_io
+from sparse_llama.pruning import driver, methods, stream
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparse_io.report import sparsity_report
 from sparse_llama.sparsity import masks as masks_lib
-from sparse_llama.sparsity.report import sparsity_report
 
 # Heads 4 x 12, MLP 40: the packed rows of q/k/v/o (48 inputs) and down (40) are whole bytes,
 # gate/up's are not: 40 inputs = 5 bytes, but the k/v rows have (out=24, in=48).
@@ -45,7 +45,8 @@ def checkpoint(tmp_path_factory):
 
 def _spec(config, method="sparsegpt", **kw):
     sparsity = kw.pop("sparsity", 0.5)
-    return driver.PruneSpec(method=method, layer_sparsity=(sparsity,) * config.num_layers,
+    return driver.PruneSpec(method=methods.get(method),
+                            layer_sparsity=(sparsity,) * config.num_layers,
                             batch_size=4, **kw)
 
 

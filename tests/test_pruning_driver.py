@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import layers, llama
 from sparse_llama.model.config import preset
-from sparse_llama.pruning import calibration, driver, profiles, sparsegpt
+from sparse_llama.pruning import calibration, driver, methods, profiles, sparsegpt
+from sparse_llama.sparse_io.report import format_report, sparsity_report
 from sparse_llama.sparsity import masks as masks_lib
-from sparse_llama.sparsity.report import format_report, sparsity_report
 
 CFG = preset("tiny").replace(num_layers=2, max_position_embeddings=64)
 
@@ -22,8 +23,8 @@ def model():
 
 
 def _spec(method="sparsegpt", sparsity=0.5, **kw):
-    return driver.PruneSpec(method=method, layer_sparsity=(sparsity,) * CFG.num_layers,
-                            batch_size=4, **kw)
+    return driver.PruneSpec(method=methods.get(method),
+                            layer_sparsity=(sparsity,) * CFG.num_layers, batch_size=4, **kw)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
@@ -38,7 +39,7 @@ def test_every_target_is_pruned_exactly_and_the_rest_stays_dense(model, method, 
     for name, value in report["per_module"].items():
         assert value == pytest.approx(0.5, abs=0.01), name
     for path, w in jax.tree_util.tree_flatten_with_path(pruned)[0]:
-        name = masks_lib.path_name(path)
+        name = path_name(path)
         if not masks_lib.is_target(name):
             np.testing.assert_array_equal(w, _get(params, path))
     zeros = jax.tree.map(lambda w, m: bool(jnp.all(jnp.where(m, True, w == 0))), pruned, masks)
@@ -170,14 +171,27 @@ def test_outlier_ratio_counts_entries_above_m_times_mean():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "obs"}, "pruning.method"),
     ({"layer_sparsity": (1.0, 0.5)}, "outside"),
     ({"n": 4, "m": 2}, "0 < N < M"),
 ])
 def test_spec_errors(kwargs, message):
-    base = {"method": "sparsegpt", "layer_sparsity": (0.5, 0.5)}
+    base = {"method": methods.get("sparsegpt"), "layer_sparsity": (0.5, 0.5)}
     with pytest.raises(ValueError, match=message):
         driver.PruneSpec(**{**base, **kwargs})
+    with pytest.raises(ValueError, match=r"pruning.method='obs' is not one of \['magnitude'"):
+        methods.get("obs")
+
+
+def test_the_registry_holds_each_method_file_record():
+    """Each method is its file's record: the statistic it needs and its own hyper-parameters
+    (block_size and dampening are SparseGPT's alone)."""
+    assert {name: m.stat for name, m in methods.METHODS.items()} == {
+        "sparsegpt": "gram", "wanda": "sqnorm", "magnitude": None}
+    assert methods.get("sparsegpt").keys == ("block_size", "dampening")
+    assert methods.get("sparsegpt").params == sparsegpt.SparseGPTParams(128, 0.01)
+    assert methods.get("wanda").keys == methods.get("magnitude").keys == ()
+    with pytest.raises(ValueError, match="pruning.block_size=6 must be positive and a multiple"):
+        methods.get("sparsegpt").check(sparsegpt.SparseGPTParams(block_size=6), 2, 4)
 
 
 def test_explicit_profile_checks_length():
@@ -228,8 +242,8 @@ def test_data_parallel_statistics_on_eight_devices_match_one_device(model):
     mc.data = 8
     mesh, rules = sharding.make_mesh(mc), sharding.rules_from_config(mc)
     windows8 = np.concatenate([windows, windows[:2]])  # 8 windows: one per device
-    spec = driver.PruneSpec(method="sparsegpt", layer_sparsity=(0.5,) * CFG.num_layers,
-                            batch_size=8)
+    spec = driver.PruneSpec(method=methods.get("sparsegpt"),
+                            layer_sparsity=(0.5,) * CFG.num_layers, batch_size=8)
     one, masks_one = driver.prune_model(params, CFG, windows8, spec)
     many, masks_many = driver.prune_model(params, CFG, windows8, spec, mesh=mesh, rules=rules)
     np.testing.assert_allclose(many["layers"]["mlp"]["down_proj"],

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from configs import dense
+from sparse_llama.commands import train as train_command
 from sparse_llama.data import corpus
 from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.eval import perplexity
@@ -39,11 +40,11 @@ from sparse_llama.pruning import (
     driver,
     hessian,
     magnitude,
+    methods,
     profiles,
     sparsegpt,
     wanda,
 )
-from sparse_llama.train import loop
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ def trained(tmp_path_factory):
     config.train.steps = 600
     config.train.eval_every = 600
     config.train.checkpoint_every = 600
-    loop.train(config, str(workdir))
+    train_command.train(config, str(workdir))
     model_config, params = hf_io.load_hf(workdir / "hf")
     tokenizer = load_tokenizer(workdir / "hf")
     text = "\n\n".join(val[i] for name in ("prose", "code") for val in [corpus.split(name)[1]]
@@ -74,8 +75,9 @@ def _ppl(config, params, windows):
 
 
 def _prune(config, params, cal, method, sparsities, n=0, m=0):
-    spec = driver.PruneSpec(method=method, layer_sparsity=tuple(float(s) for s in sparsities),
-                            n=n, m=m, batch_size=16)
+    spec = driver.PruneSpec(method=methods.get(method),
+                            layer_sparsity=tuple(float(s) for s in sparsities), n=n, m=m,
+                            batch_size=16)
     return driver.prune_model(params, config, cal, spec)[0]
 
 

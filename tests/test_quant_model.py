@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import quant_numpy as ref
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama
 from sparse_llama.model.config import preset
 from sparse_llama.quant import calibrate, smoothquant, w8a8
@@ -23,7 +24,7 @@ def sparse_model():
     params = jax.device_get(llama.init_params(jax.random.key(0), CFG))
     params = jax.tree_util.tree_map_with_path(
         lambda path, w: w * (np.abs(w) > np.median(np.abs(w)))
-        if masks_lib.is_target(masks_lib.path_name(path)) else w, params)
+        if masks_lib.is_target(path_name(path)) else w, params)
     # Uneven norm scales: SmoothQuant must divide the right ones.
     layers = dict(params["layers"])
     for norm, key in (("input_layernorm", 1), ("post_attention_layernorm", 2)):

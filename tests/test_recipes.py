@@ -1,4 +1,4 @@
-"""Staged recipes (recipes/stages.py) as a user runs them: `python -m launch.train
+"""Staged recipes (commands/recipe.py) as a user runs them: `python -m launch.train
 --config=configs/sparse70.py:tiny`. Refusals are one `error:` line with exit status 2 before the
 workdir exists; the tiny recipe, cut to seconds, runs every stage, reruns as a no-op and resumes
 a stage killed half-way from that stage's own checkpoint."""
@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import hf_io
-from sparse_llama.sparsity import mask_io
-from sparse_llama.sparsity.masks import is_target, path_name
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparsity.masks import is_target
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1",
@@ -192,7 +193,7 @@ def test_tiny_recipe_runs_reruns_as_a_no_op_and_resumes_a_killed_stage(tmp_path)
 
 def test_mediswift_recipe_ends_with_a_soft_prompt_for_the_fine_tuned_model(tmp_path):
     from configs import mediswift
-    from sparse_llama.recipes import stages
+    from sparse_llama.commands import recipe as stages
 
     config = mediswift.get_config("tiny")
     config.data.seq_len = config.eval.seq_len = 32

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import blocks, sat_cpt
+from configs import blocks
 from sparse_llama.model import llama
 from sparse_llama.model.config import preset
 from sparse_llama.optim import keep_sparse
@@ -249,7 +249,7 @@ def test_lors_rates_at_given_steps():
     # Counts: F = 176 at 0.375 -> 176 - round(66) = 110; K = 2 groups at 0.25 -> round(0.5) = 1
     assert schedule.kept_count(0.375, 176) == 110
     assert schedule.kept_count(0.25, 2) == 1
-    plan = sat_objective.make_plan(sat_cpt.sat_section(0.5, 0.5), GQA, 100)
+    plan = sat_objective.make_plan(blocks.sat(0.5, 0.5), GQA, 100)
     assert [sat_objective.rung_counts(plan, GQA, j) for j in range(5)] == [
         (88, 1), (110, 1), (132, 1), (154, 2), (176, 2)]
 
@@ -265,7 +265,7 @@ def test_lors_rates_at_given_steps():
     ("normalize", "l2", r"sat\.normalize='l2'"),
 ])
 def test_bad_sat_values_are_one_line_errors(key, value, match):
-    sat = sat_cpt.sat_section()
+    sat = blocks.sat()
     sat[key] = value
     with pytest.raises(ValueError, match=match) as err:
         sat_objective.make_plan(sat, GQA, 100)
@@ -273,7 +273,7 @@ def test_bad_sat_values_are_one_line_errors(key, value, match):
 
 
 def test_layer_subset_needs_unrolled_blocks_under_scan():
-    sat = sat_cpt.sat_section()
+    sat = blocks.sat()
     sat.layers = "0"
     with pytest.raises(ValueError, match="model.scan_layers=0"):
         sat_objective.make_plan(sat, GQA.replace(scan_layers=True), 100)

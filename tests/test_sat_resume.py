@@ -9,10 +9,10 @@ import numpy as np
 from test_train_loop import StopAt, final_state
 
 from configs import sat_cpt
+from sparse_llama.commands import export as export_command
+from sparse_llama.commands import train as train_command
 from sparse_llama.model import hf_io
 from sparse_llama.optim.sat import find_sat_state
-from sparse_llama.sat import objective as sat_objective
-from sparse_llama.train import export, loop, objectives
 
 
 def config():
@@ -33,13 +33,12 @@ def rates(workdir):
             if r["kind"] == "train"}
 
 
-def test_resume_lands_on_the_same_rung_and_selections(tmp_path, monkeypatch):
-    monkeypatch.setitem(objectives.OBJECTIVES, "sat", sat_objective.build)
+def test_resume_lands_on_the_same_rung_and_selections(tmp_path):
     cfg = config()
     full, split = tmp_path / "full", tmp_path / "split"
-    assert loop.train(cfg, str(full))["step"] == 4
-    assert loop.train(cfg, str(split), stop=StopAt(1))["stopped"]
-    assert loop.train(cfg, str(split))["step"] == 4
+    assert train_command.train(cfg, str(full))["step"] == 4
+    assert train_command.train(cfg, str(split), stop=StopAt(1))["stopped"]
+    assert train_command.train(cfg, str(split))["step"] == 4
     a, b = final_state(full, cfg)[1], final_state(split, cfg)[1]
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -55,7 +54,7 @@ def test_resume_lands_on_the_same_rung_and_selections(tmp_path, monkeypatch):
     assert rates(full) == {1: 0.25, 2: 0.25, 3: 0.0, 4: 0.0}
     assert rates(split) == {1: 0.25, 2: 0.25, 3: 0.0, 4: 0.0}
     # `launch.export` of a SAT workdir: its params alone, without SAT's optimizer wrapper.
-    out = export.export_latest(str(full))
+    out = export_command.export_workdir(str(full))
     assert out["step"] == 4
     _, exported = hf_io.load_hf(out["hf_dir"])
     for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a.params), strict=True):

@@ -9,7 +9,7 @@ import pytest
 from sparse_llama.model import llama, soft_prompt
 from sparse_llama.model.config import preset
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.objectives import Objective
+from sparse_llama.train.objective import Objective
 from sparse_llama.train.step import make_train_step
 
 CFG = preset("tiny").replace(vocab_size=64, max_position_embeddings=64)
@@ -88,9 +88,10 @@ def test_generation_after_a_prompt_of_real_embeddings_continues_those_tokens(par
 def test_eval_and_generate_commands_take_a_prompt_file(finetune_dirs, tmp_path):
     from configs import eval as eval_configs
     from configs import generate as generate_configs
-    from sparse_llama.eval import run as eval_run
-    from sparse_llama.model import completion, hf_io
-    from sparse_llama.train.loop import resolve_tokenizer
+    from sparse_llama.commands import eval as eval_run
+    from sparse_llama.commands import generate as completion
+    from sparse_llama.model import hf_io
+    from sparse_llama.train.run_setup import resolve_tokenizer
 
     model_dir, text = finetune_dirs[1], finetune_dirs[3]
     cfg, base = hf_io.load_hf(model_dir)

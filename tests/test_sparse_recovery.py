@@ -4,7 +4,7 @@ A tiny model trained by the suite is pruned to 50% (magnitude, per matrix, writt
 into its safetensors: SparseGPT's per-layer compile costs minutes on a loaded 2-core CPU, and
 the recovery, not the pruner, is under test here; benchmarks/sparse_recovery.py uses
 SparseGPT at 50% and 70%), then trained further on the same text with the same optimizer
-settings and token budget by `loop.train` with configs/sparse.py (masks from the zeros) and by
+settings and token budget by `commands.train` with configs/sparse.py (masks from the zeros) and by
 `torch_recovery` of benchmarks/sparse_recovery.py (transformers' Llama, masked gradients
 before clipping and AdamW, weights re-zeroed after every step), once on its own random window
 order and once on exactly ours' batches. All are measured on a

@@ -1,4 +1,4 @@
-"""Which mask a training run keeps (train/sparse_start.py) through `loop.train`: a pruned
+"""Which mask a training run keeps (train/sparse_start.py) through `commands.train`: a pruned
 Hugging Face directory's `masks/` (or its zeros), refusals before any checkpoint, the dense-run
 warning, static `sparsity.init` masks from scratch, and exact resume of a sparse run."""
 
@@ -14,12 +14,15 @@ import pytest
 from test_train_loop import StopAt, final_state
 
 from configs import sparse
+from sparse_llama.commands import export as export_command
+from sparse_llama.commands import train as train_command
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import hf_io, llama
 from sparse_llama.model.config import preset
 from sparse_llama.optim.keep_sparse import find_masks
-from sparse_llama.sparsity import mask_io
-from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.train import export, loop, sparse_start
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparsity.masks import is_target
+from sparse_llama.train import sparse_start
 from sparse_llama.train import state as state_lib
 
 HF_CFG = preset("tiny").replace(vocab_size=hf_fixtures.TINY["vocab_size"],
@@ -92,7 +95,7 @@ def no_checkpoint_written(workdir) -> bool:
 @pytest.fixture(scope="module")
 def from_masks_dir(start, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("from_masks")
-    summary = loop.train(run_config(start, start["with_masks"]), str(workdir))
+    summary = train_command.train(run_config(start, start["with_masks"]), str(workdir))
     return workdir, summary
 
 
@@ -120,7 +123,7 @@ def test_export_keeps_the_masks_of_masks_dir_with_exact_zeros(start, from_masks_
     # `launch.export` of the last checkpoint reads the params and the optimizer's masks
     # alone and writes the same directory (masks/ included: not masks from the zeros, which
     # would prune the kept exact zero).
-    again = Path(export.export_latest(str(workdir), str(workdir / "hf_again"))["hf_dir"])
+    again = Path(export_command.export_workdir(str(workdir), str(workdir / "hf_again"))["hf_dir"])
     _, out_again = hf_io.load_hf(again)
     jax.tree.map(np.testing.assert_array_equal, out_again, out)
     jax.tree.map(np.testing.assert_array_equal, mask_io.load_masks(again / "masks", out), saved)
@@ -183,7 +186,7 @@ def test_refusals_before_any_checkpoint(start, tmp_path, case, message):
     where, sparsity = case(start)
     config = run_config(start, where.get("hf_path", ""), **sparsity)
     with pytest.raises(ValueError, match=message):
-        loop.train(config, str(tmp_path / "run"))
+        train_command.train(config, str(tmp_path / "run"))
     assert no_checkpoint_written(tmp_path / "run")
 
 
@@ -204,7 +207,7 @@ def test_dense_run_from_a_sparse_checkpoint_warns_unless_released(start, tmp_pat
     monkeypatch.setattr(state_lib, "state_from_params", stop_here)
     config = run_config(start, start["with_masks"], keep=False, release=release)
     with caplog.at_level(logging.WARNING), pytest.raises(Started):
-        loop.train(config, str(tmp_path))
+        train_command.train(config, str(tmp_path))
     found = _densify_warnings(caplog)
     if release:
         assert found == []  # sparsity.release=True: densifying is the plan
@@ -247,10 +250,10 @@ def magnitude_runs(start, tmp_path):
     """A 4-step magnitude-masked run from scratch, and the same stopped at 2 and resumed."""
     config = run_config(start, init="magnitude", sparsity=0.3, keep=True)
     straight = tmp_path / "magnitude"
-    summary = loop.train(config, str(straight))
+    summary = train_command.train(config, str(straight))
     split = tmp_path / "magnitude_split"
-    first = loop.train(config, str(split), stop=StopAt(2))
-    second = loop.train(config, str(split))
+    first = train_command.train(config, str(split), stop=StopAt(2))
+    second = train_command.train(config, str(split))
     return config, straight, summary, split, first, second
 
 
@@ -295,7 +298,7 @@ def test_magnitude_init_from_scratch_and_an_exact_resume(start, tmp_path):
 
 def test_random_init_is_exact_per_matrix_and_not_magnitude(start, tmp_path):
     config = run_config(start, steps=2, init="random", sparsity=0.3, keep=True)
-    summary = loop.train(config, str(tmp_path))
+    summary = train_command.train(config, str(tmp_path))
     model, out = hf_io.load_hf(tmp_path / "hf")
     masks = target_leaves(mask_io.load_masks(tmp_path / "hf" / "masks", out))
     init = target_leaves(initial_params(model, config.train.seed))

@@ -12,6 +12,7 @@ import pytest
 import sparsegpt_numpy as ref
 
 from sparse_llama.pruning import hessian, magnitude, quantize, sparsegpt, wanda
+from sparse_llama.sparsity import selection
 from sparse_llama.sparsity.masks import NM_AXIS_HF, check_nm
 
 
@@ -86,7 +87,7 @@ def test_unstructured_sparsity_is_exact_per_row_block():
     mask = np.asarray(mask)
     for start in range(0, 200, 64):
         block = mask[:, start:start + 64]
-        assert (~block).sum() == magnitude.count_for(0.7, block.size)
+        assert (~block).sum() == selection.count_for(0.7, block.size)
 
 
 def test_one_compile_serves_every_sparsity_of_a_shape():
@@ -135,7 +136,7 @@ def test_joint_quantization_prunes_to_zero_and_keeps_grid_values():
     got, mask = sparsegpt.prune_layer(jnp.asarray(w), h, sparsity=0.5, quant_bits=4)
     got, mask = np.asarray(got), np.asarray(mask)
     assert np.all(got[~mask] == 0.0)
-    assert (~mask).sum() == magnitude.count_for(0.5, mask.size)
+    assert (~mask).sum() == selection.count_for(0.5, mask.size)
     grid = quantize.minmax_grid(jnp.asarray(w), 4)  # from the unpruned weights
     np.testing.assert_allclose(np.asarray(quantize.fake_quantize(jnp.asarray(got), grid)), got,
                                rtol=0, atol=1e-6)
@@ -176,9 +177,9 @@ def test_nan_or_inf_raises_and_a_finite_failure_falls_back():
     w, h, _ = _layer(16, 160, seed=9)
     # Before: a NaN Hessian fell back to the identity with a warning and returned a "pruned"
     # layer; now it stops (the driver adds the block and tensor name).
-    with pytest.raises(magnitude.NonFiniteError, match="Hessian of its inputs has 1 NaN/inf"):
+    with pytest.raises(selection.NonFiniteError, match="Hessian of its inputs has 1 NaN/inf"):
         sparsegpt.prune_layer(jnp.asarray(w), h.at[3, 5].set(jnp.nan), sparsity=0.5)
-    with pytest.raises(magnitude.NonFiniteError, match="the weight has 1 NaN/inf"):
+    with pytest.raises(selection.NonFiniteError, match="the weight has 1 NaN/inf"):
         sparsegpt.prune_layer(jnp.asarray(w).at[0, 0].set(jnp.inf), h, sparsity=0.5)
     # A finite Hessian that no dampening rescues: identity (no compensation), with a warning.
     with pytest.warns(UserWarning, match="identity"):
@@ -244,7 +245,7 @@ def test_identity_hessian_makes_no_updates_and_prunes_smallest_magnitudes_per_bl
     np.testing.assert_array_equal(got[keep], w[keep])
     for start in range(0, 200, 64):
         block = np.abs(w[:, start:start + 64])
-        k = magnitude.count_for(0.6, block.size)
+        k = selection.count_for(0.6, block.size)
         want = block <= np.sort(block, axis=None)[k - 1]  # the k smallest (no ties: random)
         # Fails if the comparison group were a row (Wanda's) or the whole matrix (magnitude's).
         np.testing.assert_array_equal(~keep[:, start:start + 64], want)
@@ -261,7 +262,7 @@ def test_diagonal_hessian_scores_by_w_squared_times_damped_h_jj():
     score = w.astype(np.float64) ** 2 * (d + 0.01 * d.mean())
     for start in (0, 128):  # the default block of 128 columns, then the partial one of 32
         block = score[:, start:start + 128]
-        k = magnitude.count_for(0.5, block.size)
+        k = selection.count_for(0.5, block.size)
         np.testing.assert_array_equal(~keep[:, start:start + 128],
                                       block <= np.sort(block, axis=None)[k - 1])
     np.testing.assert_array_equal(got[keep], w[keep])

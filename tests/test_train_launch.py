@@ -186,7 +186,7 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(b, a, atol=2e-5)
         np.testing.assert_array_equal(b == 0, a == 0)  # the same mask, kept exactly
     assert double["sparsity"] == single["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    from sparse_llama.sparsity import mask_io
+    from sparse_llama.sparse_io import mask_io
 
     # The masks/ of the 2-process export (each tensor gathered alone, process 0 writing).
     jax_masks = [mask_io.load_masks(tmp_path / d / "hf" / "masks", p)

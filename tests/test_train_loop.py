@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from configs import dense
+from sparse_llama import objectives
+from sparse_llama.commands import export as export_command
+from sparse_llama.commands import train as train_command
 from sparse_llama.data.tokenizer import default_tokenizer
 from sparse_llama.model import hf_io, sharding
 from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.train import export, loop, objectives
+from sparse_llama.train import export, loop, run_setup
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints, StopRequest
 
@@ -45,7 +48,7 @@ def final_state(workdir, config):
     model = export.model_from_saved(ckpt.saved_model(step))
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    opt, _ = loop.run_optimizer(config, objectives.build(config, model, mesh, rules))
+    opt, _ = run_setup.run_optimizer(config, objectives.build(config, model, mesh, rules))
     abstract = state_lib.abstract_state(model, opt, mesh, rules)
     state, data_state = ckpt.restore(step, abstract, model=model)
     ckpt.close()
@@ -62,16 +65,16 @@ def straight_run(tmp_path_factory):
     """Six steps in one go (shared by several tests)."""
     workdir = tmp_path_factory.mktemp("straight")
     config = small_config()
-    summary = loop.train(config, str(workdir))
+    summary = train_command.train(config, str(workdir))
     return workdir, config, summary
 
 
 def test_stop_and_resume_is_bit_exact(straight_run, tmp_path):
     workdir, config, summary = straight_run
-    first = loop.train(config, str(tmp_path), stop=StopAt(3))
+    first = train_command.train(config, str(tmp_path), stop=StopAt(3))
     assert first["stopped"] and first["step"] == 3
     assert not (tmp_path / "hf").exists()  # exported only when training is complete
-    second = loop.train(config, str(tmp_path))
+    second = train_command.train(config, str(tmp_path))
     assert second["step"] == 6 and "stopped" not in second
     step_a, state_a, data_a = final_state(workdir, config)
     step_b, state_b, data_b = final_state(tmp_path, config)
@@ -102,7 +105,7 @@ def test_outputs_of_a_run(straight_run):
     # The end-of-run export and a later `launch.export` of the last checkpoint agree.
     config, params = hf_io.load_hf(workdir / "hf")
     assert config.vocab_size == default_tokenizer(512).vocab_size
-    again = export.export_latest(str(workdir), str(workdir / "hf_again"))
+    again = export_command.export_workdir(str(workdir), str(workdir / "hf_again"))
     assert again["step"] == 6
     _, params_again = hf_io.load_hf(again["hf_dir"])
     jax.tree.map(np.testing.assert_array_equal, params, params_again)
@@ -125,14 +128,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     with pytest.raises(loop.TrainingDivergedError,
                        match=r"diverged at step 5: \{'loss': nan\}.*last good checkpoint is "
                              r"step 3"):
-        loop.train(small_config(), str(tmp_path))
+        train_command.train(small_config(), str(tmp_path))
     assert Checkpoints(str(tmp_path), read_only=True).all_steps() == [3]
     assert not (tmp_path / "hf").exists()
 
 
 def test_refuses_a_workdir_holding_another_models_checkpoint(tmp_path):
     config = small_config()
-    other = loop.resolve_model_config(config, default_tokenizer(512)).replace(num_layers=1)
+    other = run_setup.resolve_model_config(config, default_tokenizer(512)).replace(num_layers=1)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     opt, _ = make_optimizer(config.optimizer, 6)
@@ -141,7 +144,7 @@ def test_refuses_a_workdir_holding_another_models_checkpoint(tmp_path):
     ckpt.save(state, [], model=other, run_config={})
     ckpt.close()
     with pytest.raises(ValueError, match=r"another model \(num_layers: checkpoint 1 vs run 2\)"):
-        loop.train(config, str(tmp_path))
+        train_command.train(config, str(tmp_path))
 
 
 def test_seq_len_beyond_the_context_is_refused(tmp_path):
@@ -149,7 +152,7 @@ def test_seq_len_beyond_the_context_is_refused(tmp_path):
     config.data.seq_len = 1024  # the tiny preset has 512 positions
     with pytest.raises(ValueError, match=r"data.seq_len=1024 exceeds the model's context of "
                                          r"512"):
-        loop.train(config, str(tmp_path))
+        train_command.train(config, str(tmp_path))
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
@@ -161,7 +164,7 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
     config.data.tokenizer_path = str(default_tokenizer(512).save(tmp_path / "tok"))
     with pytest.raises(ValueError, match=r"tokenizer has \d+ ids but the model's embedding "
                                          r"has only 101 rows"):
-        loop.train(config, str(tmp_path / "run"))
+        train_command.train(config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -178,5 +181,5 @@ def test_invalid_values_are_named_with_their_fix(tmp_path, key, value, message):
     section, name = key.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
-        loop.train(config, str(tmp_path))
+        train_command.train(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")

@@ -8,11 +8,11 @@ import pytest
 
 from configs import blocks
 from sparse_llama.model import llama, sharding
+from sparse_llama.model import loss as loss_lib
 from sparse_llama.model.config import preset
 from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.train import loss as loss_lib
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.objectives import Objective
+from sparse_llama.train.objective import Objective
 from sparse_llama.train.step import make_eval_step, make_train_step
 
 CFG = preset("tiny").replace(vocab_size=64, max_position_embeddings=32)

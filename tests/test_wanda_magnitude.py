@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from sparse_llama.pruning import hessian, magnitude, quantize, wanda
-from sparse_llama.pruning.magnitude import count_for, mask_smallest, mask_smallest_nm
 from sparse_llama.sparsity.masks import NM_AXIS_HF, check_nm
+from sparse_llama.sparsity.selection import (
+    NonFiniteError,
+    count_for,
+    mask_smallest,
+    mask_smallest_nm,
+)
 
 
 def _smallest_reference(scores, k, forced, excluded):
@@ -83,8 +88,6 @@ def test_nan_scores_are_never_pruned_whatever_their_sign(nan):
 
 
 def test_solvers_refuse_nan_and_inf():
-    from sparse_llama.pruning.magnitude import NonFiniteError
-
     w, x = _layer()
     sq = jnp.asarray((x ** 2).sum(axis=(0, 1)))
     bad_w = jnp.asarray(w).at[3, 7].set(-jnp.nan)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from sparse_llama.data.packing import Pieces, Windows, document_pieces
+from sparse_llama.data.sources import fingerprint, unit_hash
 from sparse_llama.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -277,8 +278,6 @@ class ChatStream:
 def tokenize_conversations(convs: Conversations, render: Renderer, tokenizer: Tokenizer, *,
                            add_bos: bool = True) -> ChatStream:
     """Every conversation of `convs`, tokenized (in memory; chat sets are small)."""
-    from sparse_llama.data.sources import unit_hash
-
     parts = [tokenize_conversation(m, render, tokenizer, add_bos=add_bos)
              for m in convs.messages]
     bounds = np.zeros(len(parts) + 1, np.int64)
@@ -328,8 +327,6 @@ def chat_stream(path: str | os.PathLike, tokenizer: Tokenizer,
                 add_bos: bool = True) -> ChatStream:
     """A chat JSONL's conversations, tokenized once per process (memoised on the files'
     sizes and times, the tokenizer and the template)."""
-    from sparse_llama.data.sources import fingerprint
-
     render = renderer_for(tokenizer, tokenizer_dir, chat_template)
     template = template_of(tokenizer_dir) if chat_template == "auto" else None
     key = (os.path.abspath(path), json.dumps(fingerprint(path)), tokenizer.fingerprint,

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sparse_llama.data import sources
+from sparse_llama.ground.cache import cache_dir
 
 CORPUS_VERSION = 1  # bump when the recipe below changes: it keys the tokenizer cache
 VALIDATION_FRACTION = 0.03
@@ -42,11 +43,6 @@ _MIN_DOCSTRING_CHARS = 40  # one-liners like "Return x." add little English
 # Characters of each corpus's train split used to train the default BPE: a few seconds of
 # training on 2 cores; prose is all of it, code a deterministic (hash-ordered) subsample.
 _TOKENIZER_TRAINING_CHARS = {"code": 4_000_000, "prose": 4_000_000}
-
-
-def cache_dir() -> Path:
-    """Where built artifacts live: $SPARSE_LLAMA_CACHE, else ~/.cache/sparse_llama."""
-    return Path(os.environ.get("SPARSE_LLAMA_CACHE") or "~/.cache/sparse_llama").expanduser()
 
 
 def build_key(*parts) -> str:

@@ -27,6 +27,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from sparse_llama.data import corpus
+from sparse_llama.ground.cache import cache_dir
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 # Names tried, in order, when a tokenizer.json comes with no metadata naming its specials.
@@ -232,7 +233,7 @@ def default_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     (corpus.tokenizer_training_texts) and takes a few seconds.
     """
     key = corpus.build_key(tokenizers.__version__, vocab_size)
-    final = corpus.cache_dir() / f"tokenizer-bpe{vocab_size}-{key}"
+    final = cache_dir() / f"tokenizer-bpe{vocab_size}-{key}"
     if not (final / "tokenizer.json").is_file():
         trained = train_bpe(corpus.tokenizer_training_texts(), vocab_size)
         _write_atomically(final, trained.save)

@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from sparse_llama.data import corpus, sources
+from sparse_llama.data import sources
 from sparse_llama.data.tokenizer import Tokenizer
+from sparse_llama.ground.cache import cache_dir
 
 TOKENS_VERSION = 1  # bump when the layout or the framing changes: it keys the cache
 _JOB_DOCUMENTS = 64  # documents per tokenizing job: amortises a call, keeps jobs small
@@ -73,7 +74,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def default_cache_dir() -> Path:
-    return corpus.cache_dir() / "tokens"
+    return cache_dir() / "tokens"
 
 
 def _segments(text: str) -> list[str]:

@@ -17,6 +17,7 @@ full-vocabulary logits is ever live. The student's mask is kept by the optimizer
 (`sparsity.keep`), not here.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -24,34 +25,36 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from sparse_llama import loading
+from sparse_llama.data.tokenizer import load_tokenizer
 from sparse_llama.distill.losses import kd_sums, squarehead
-from sparse_llama.model import hf_io, llama, loading, sharding
+from sparse_llama.ground.sections import spec_from_section
+from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import DTYPES, LlamaConfig
-from sparse_llama.train.loss import token_nll
-from sparse_llama.train.objectives import Objective
-
-DEFAULTS = {"teacher_path": "", "teacher_dtype": "", "ce_weight": 1.0, "kd_weight": 1.0,
-            "layer_weight": 1.0, "temperature": 2.0}
+from sparse_llama.model.loss import token_nll
+from sparse_llama.train.objective import Objective
+from sparse_llama.train.run_setup import resolve_tokenizer
 
 
-def section(teacher_path: str = "", **changes) -> ml_collections.ConfigDict:
-    """The `distill` config section with its defaults (one place, used by the configs)."""
-    unknown = set(changes) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown distill keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
-    return ml_collections.ConfigDict({**DEFAULTS, "teacher_path": teacher_path, **changes})
+@dataclasses.dataclass(frozen=True)
+class DistillSection:
+    """`distill` (defaults: configs/blocks.py `distill()`)."""
+
+    teacher_path: str
+    teacher_dtype: str
+    ce_weight: float
+    kd_weight: float
+    layer_weight: float
+    temperature: float
 
 
-def check_distill_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def check_distill_config(config: ml_collections.ConfigDict) -> DistillSection:
     """The validated `distill` section; ValueError naming the key and the fix otherwise."""
-    d = config.get("distill")
-    if d is None:
+    if config.get("distill") is None:
         raise ValueError("train.objective='distill' needs a distill section; use "
-                         "configs/finetune_distill.py or add --config.distill.teacher_path=DIR")
-    unknown = set(d) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"distill: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
-    d = ml_collections.ConfigDict({**DEFAULTS, **d.to_dict()})
+                         "configs/finetune_distill.py or add config.distill = "
+                         "configs.blocks.distill(teacher_path=DIR)")
+    d = spec_from_section(DistillSection, config.distill, "distill")
     if not d.teacher_path:
         raise ValueError("distill.teacher_path is empty; pass --config.distill.teacher_path=DIR "
                          "(the dense teacher, a Hugging Face Llama directory)")
@@ -61,14 +64,14 @@ def check_distill_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     if d.teacher_dtype and d.teacher_dtype not in DTYPES:
         raise ValueError(f"distill.teacher_dtype={d.teacher_dtype!r} is not one of "
                          f"{('', *DTYPES)}")
-    weights = {k: d[k] for k in ("ce_weight", "kd_weight", "layer_weight")}
+    weights = {k: getattr(d, k) for k in ("ce_weight", "kd_weight", "layer_weight")}
     for key, value in weights.items():
-        if not isinstance(value, int | float) or value < 0:
+        if value < 0:
             raise ValueError(f"distill.{key} must be a number >= 0, got {value!r}")
     if not any(weights.values()):
         raise ValueError("distill.ce_weight, kd_weight and layer_weight are all 0: nothing to "
                          "train; set at least one of them > 0")
-    if not isinstance(d.temperature, int | float) or not d.temperature > 0:
+    if not d.temperature > 0:
         raise ValueError(f"distill.temperature must be > 0, got {d.temperature!r}")
     return d
 
@@ -97,8 +100,6 @@ def _vocab_signature(tokenizer) -> tuple:
 def check_tokenizers(student_tokenizer, teacher_path: str) -> None:
     """ValueError unless `teacher_path` holds a tokenizer with the student's vocabulary and
     BOS/EOS ids (token for token)."""
-    from sparse_llama.data.tokenizer import load_tokenizer
-
     if not os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
         raise ValueError(f"distill.teacher_path={teacher_path!r} has no tokenizer.json, so its "
                          "tokenizer cannot be checked against the student's; copy the "
@@ -165,8 +166,6 @@ def build(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
           rules) -> Objective:
     """`train.objective='distill'`: checks the teacher (config, vocabulary, tokenizer) before
     loading it, then places its params by the student's sharding rules."""
-    from sparse_llama.train.loop import resolve_tokenizer  # late: the loop imports objectives
-
     d = check_distill_config(config)
     teacher = teacher_config(config, model)
     check_tokenizers(resolve_tokenizer(config)[0], d.teacher_path)

@@ -17,8 +17,8 @@ from jaxtyping import Array, Float, Int
 
 from sparse_llama.model import llama, sharding, soft_prompt
 from sparse_llama.model.config import LlamaConfig, check_context
+from sparse_llama.model.loss import token_nll
 from sparse_llama.sparsity.masks import apply_masks
-from sparse_llama.train.loss import token_nll
 
 
 @dataclasses.dataclass(frozen=True)

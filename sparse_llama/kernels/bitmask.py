@@ -19,6 +19,9 @@ size (docs/kernels.md compares it with the ideal (1 - s) * 2 + 1/8 bytes per wei
 The compressed-tensors `sparse-bitmask` layout (REFERENCES.md section 8: Hugging Face (out, in)
 orientation, nonzeros row-major, bits packed little-endian per row) is an import/export view:
 `to_compressed_tensors` / `from_compressed_tensors`.
+
+`FORMAT` (the end of this module) is the format's record for the registry (ops.py): these
+pack / unpack functions and the kernels of bitmask_matmul.py.
 """
 
 import dataclasses
@@ -31,50 +34,32 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-_N_ALIGN = 128  # lane width: a column block of every kernel divides the padded N
+from sparse_llama.kernels.bitmask_matmul import bitmask_matmul_gpu, bitmask_matmul_tpu
+from sparse_llama.kernels.packed import N_ALIGN, Format, PackedWeight, kept_mask, matmul_reference
+
 _BLOCK_K = 1024  # default tile height: a smaller spread of kept counts per tile column
 _CAP_ALIGN = 16  # sublane packing of bf16: the value block stays tile-aligned
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BitmaskWeight:
-    """A packed (..., K, N) weight; the linear.py structured-weight protocol."""
+class BitmaskWeight(PackedWeight):
+    """A packed (..., K, N) weight; the linear.py structured-weight protocol (PackedWeight)."""
 
     values: Any  # an array; Any: jax rebuilds pytrees with other leaves
     bits: Any  # an array; Any: jax rebuilds pytrees with other leaves
     shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
     block_k: int = dataclasses.field(metadata={"static": True})
 
-    format = "bitmask"
+    PACKED_AXES = {"values": ("packed_tiles", "packed_cap"), "bits": ("packed_bits",)}
 
     @property
-    def dtype(self):
-        return self.values.dtype
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed arrays (padding included): what a matmul reads."""
-        return int(self.values.nbytes + self.bits.nbytes)
-
-    def astype(self, dtype) -> "BitmaskWeight":
-        return dataclasses.replace(self, values=self.values.astype(dtype))
-
-    def matmul(self, x):
-        from sparse_llama.kernels import ops
-
-        return ops.matmul(x, self)
-
-    def logical_axes(self, base: tuple[str, ...]) -> "BitmaskWeight":
-        """Axis names of each array given the dense weight's (..., in, out) names: the output
-        axis keeps its name (column blocks shard like the dense weight); tiles replicate."""
-        lead, out = tuple(base[:-2]), base[-1]
-        return dataclasses.replace(self, values=(*lead, "packed_tiles", "packed_cap", out),
-                                   bits=(*lead, "packed_bits", out))
+    def packing(self) -> Format:
+        return FORMAT  # this module's record, at its end (it names the functions below)
 
 
 def _padded(k: int, n: int, block_k: int) -> tuple[int, int]:
-    return -(-k // block_k) * block_k, -(-n // _N_ALIGN) * _N_ALIGN
+    return -(-k // block_k) * block_k, -(-n // N_ALIGN) * N_ALIGN
 
 
 def _tile_ranks(mask: jax.Array) -> jax.Array:
@@ -128,9 +113,7 @@ def pack_bitmask(w: Float[Array, "*l k n"], *, mask=None, block_k: int | None = 
         raise ValueError(f"block_k must be a multiple of 128 (kernel tile alignment), got "
                          f"{block_k}")
     w = jnp.asarray(w)
-    mask = w != 0 if mask is None else jnp.asarray(mask, bool)
-    if mask.shape != w.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the weight's {w.shape}")
+    mask = kept_mask(w, mask)
     count = int(_largest_count(mask, block_k))
     cap = max(_CAP_ALIGN, -(-count // _CAP_ALIGN) * _CAP_ALIGN)
     values, bits = _pack_arrays(w, mask, block_k, cap)
@@ -207,7 +190,7 @@ def values_cotangent(p: BitmaskWeight, grad: Float[Array, "k n"]) -> BitmaskWeig
     mask = unpack_mask(p)
     values = _compact(_tiles(grad.astype(p.values.dtype), p.block_k), _tiles(mask, p.block_k),
                       p.values.shape[-2])
-    return dataclasses.replace(p, values=values, bits=np.zeros(p.bits.shape, jax.dtypes.float0))
+    return p.cotangent(values)
 
 
 def unpack_mask(p: BitmaskWeight) -> jax.Array:
@@ -215,3 +198,9 @@ def unpack_mask(p: BitmaskWeight) -> jax.Array:
     *lead, t, _, np_ = p.values.shape
     k, n = p.shape
     return _mask_from_bits(p.bits, t, p.block_k).reshape(*lead, t * p.block_k, np_)[..., :k, :n]
+
+
+FORMAT = Format(name="bitmask", pack=pack_bitmask, unpack=unpack_bitmask, unpack_mask=unpack_mask,
+                values_cotangent=values_cotangent,
+                kernels={"gpu": bitmask_matmul_gpu, "tpu": bitmask_matmul_tpu,
+                         "reference": matmul_reference})

@@ -1,5 +1,6 @@
-"""y = x @ W for a bitmask-packed W (sparse_llama/kernels/bitmask.py): Pallas kernels for GPU
-(Triton) and TPU (Mosaic), their jitted wrappers, and the pure-jnp reference.
+"""y = x @ W for a bitmask-packed W (layout: sparse_llama/kernels/bitmask.py): Pallas kernels
+for GPU (Triton) and TPU (Mosaic) and their jitted wrappers. The pure-jnp reference is
+`packed.matmul_reference`; bitmask.py (above this file) puts both in its `Format` record.
 
 Both kernels expand one tile of W at a time from its bits and compacted values and feed it to
 the matrix unit, so W is read from memory in its packed size (the point for memory-bound
@@ -23,13 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from sparse_llama.kernels.bitmask import BitmaskWeight, unpack_bitmask
+from sparse_llama.kernels.packed import PackedWeight
 from sparse_llama.kernels.pallas_calls import gpu_call, pad_rows, tpu_accumulate, tpu_call
-
-
-def bitmask_matmul_reference(x: Float[Array, "m k"], p: BitmaskWeight) -> Float[Array, "m n"]:
-    """x @ unpack(p) in x's dtype (pure jnp)."""
-    return jnp.dot(x, unpack_bitmask(p).astype(x.dtype))
 
 
 def _tile_product(load_x, bits, gather, count_above, r: int, dtype):
@@ -100,7 +96,7 @@ def _tpu_kernel(x_ref, bits_ref, values_ref, o_ref, acc_ref, *, block_k: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret"))
-def bitmask_matmul_gpu(x: Float[Array, "m k"], p: BitmaskWeight, *, block_m: int = 16,
+def bitmask_matmul_gpu(x: Float[Array, "m k"], p: PackedWeight, *, block_m: int = 16,
                        block_n: int = 128, interpret: bool = False) -> Float[Array, "m n"]:
     """The Triton kernel: x (M, K) @ W, any M (rows padded to block_m)."""
     t, cap, np_ = p.values.shape
@@ -118,7 +114,7 @@ def bitmask_matmul_gpu(x: Float[Array, "m k"], p: BitmaskWeight, *, block_m: int
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret"))
-def bitmask_matmul_tpu(x: Float[Array, "m k"], p: BitmaskWeight, *, block_m: int = 16,
+def bitmask_matmul_tpu(x: Float[Array, "m k"], p: PackedWeight, *, block_m: int = 16,
                        block_n: int = 128, interpret: bool = False) -> Float[Array, "m n"]:
     """The Mosaic kernel: x (M, K) @ W, any M (rows padded to block_m)."""
     t, cap, np_ = p.values.shape

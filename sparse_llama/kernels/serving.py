@@ -4,9 +4,10 @@ from collections.abc import Sequence
 
 import jax
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.kernels.ops import FORMATS, pack
 from sparse_llama.model.linear import is_dense
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
 
 
 def check_packed_option(packed: str) -> None:

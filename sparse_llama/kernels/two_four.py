@@ -15,7 +15,10 @@ multiple of 128:
 Splitting the groups in two halves (instead of packing neighbours) lets a kernel read the two
 nibbles of one meta tile as two contiguous group ranges: no interleaving in the kernel. A
 kernel contracts x[:, 4g + j] with the plane W_j[g] = (i0 == j) v0 + (i1 == j) v1, so x is
-read as four strided planes (`x_planes`).
+read as four strided planes (`two_four_matmul.x_planes`).
+
+`FORMAT` (the end of this module) is the format's record for the registry (ops.py): these
+pack / unpack functions and the kernels of two_four_matmul.py.
 """
 
 import dataclasses
@@ -24,45 +27,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
-_N_ALIGN = 128
+from sparse_llama.kernels.packed import N_ALIGN, Format, PackedWeight, kept_mask, matmul_reference
+from sparse_llama.kernels.two_four_matmul import two_four_matmul_gpu, two_four_matmul_tpu
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class TwoFourWeight:
-    """A packed 2:4 (..., K, N) weight; the linear.py structured-weight protocol."""
+class TwoFourWeight(PackedWeight):
+    """A packed 2:4 (..., K, N) weight; the linear.py structured-weight protocol (PackedWeight)."""
 
     values: Any  # an array; Any: jax rebuilds pytrees with other leaves
     meta: Any  # an array; Any: jax rebuilds pytrees with other leaves
     shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
     block_g: int = dataclasses.field(metadata={"static": True})
 
-    format = "2:4"
+    PACKED_AXES = {"values": ("packed_planes", "packed_groups"), "meta": ("packed_groups",)}
 
     @property
-    def dtype(self):
-        return self.values.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.values.nbytes + self.meta.nbytes)
-
-    def astype(self, dtype) -> "TwoFourWeight":
-        return dataclasses.replace(self, values=self.values.astype(dtype))
-
-    def matmul(self, x):
-        from sparse_llama.kernels import ops
-
-        return ops.matmul(x, self)
-
-    def logical_axes(self, base: tuple[str, ...]) -> "TwoFourWeight":
-        """See BitmaskWeight.logical_axes: the output axis keeps its name."""
-        lead, out = tuple(base[:-2]), base[-1]
-        return dataclasses.replace(self, values=(*lead, "packed_planes", "packed_groups", out),
-                                   meta=(*lead, "packed_groups", out))
+    def packing(self) -> Format:
+        return FORMAT  # this module's record, at its end (it names the functions below)
 
 
 @functools.partial(jax.jit, static_argnames="block_g")
@@ -71,7 +56,7 @@ def _groups(a: jax.Array, block_g: int) -> jax.Array:
     *lead, k, n = a.shape
     g = k // 4
     gp = -(-g // (2 * block_g)) * 2 * block_g
-    np_ = -(-n // _N_ALIGN) * _N_ALIGN
+    np_ = -(-n // N_ALIGN) * N_ALIGN
     a = a.reshape(*lead, g, 4, n)
     return jnp.pad(a, [(0, 0)] * len(lead) + [(0, gp - g), (0, 0), (0, np_ - n)])
 
@@ -92,9 +77,7 @@ def pack_two_four(w: Float[Array, "*l k n"], *, mask=None, block_g: int = 128) -
         raise ValueError(f"a 2:4 pack needs the input dim to be a multiple of 4, got {k}")
     if block_g % 32:
         raise ValueError(f"block_g must be a multiple of 32 (uint8 tile rows), got {block_g}")
-    mask = w != 0 if mask is None else jnp.asarray(mask, bool)
-    if mask.shape != w.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from the weight's {w.shape}")
+    mask = kept_mask(w, mask)
     values, meta, over = _pack_arrays(w, mask, block_g)
     if int(over):
         raise ValueError(f"weight is not 2:4: {int(over)} groups of four inputs keep more than "
@@ -165,13 +148,6 @@ def unpack_mask(p: TwoFourWeight) -> jax.Array:
     return _scatter(p.values != 0, p)
 
 
-def x_planes(x: Float[Array, "m k"], g_pad: int) -> Float[Array, "4 m gp"]:
-    """x[:, 4g + j] as plane j (zero-padded to g_pad groups): what the kernels contract."""
-    m, k = x.shape
-    planes = jnp.transpose(x.reshape(m, k // 4, 4), (2, 0, 1))
-    return jnp.pad(planes, ((0, 0), (0, 0), (0, g_pad - k // 4)))
-
-
 def values_cotangent(p: TwoFourWeight, grad: Float[Array, "k n"]) -> TwoFourWeight:
     """The cotangent of the packed weight given the dense gradient: the gradient at the
     kept (nonzero) packed values; a slot that only completes a group (value zero) gets none,
@@ -181,4 +157,10 @@ def values_cotangent(p: TwoFourWeight, grad: Float[Array, "k n"]) -> TwoFourWeig
     values = jnp.stack([jnp.take_along_axis(g, i[..., None, :], axis=-2)[..., 0, :]
                         for i in (i0, i1)], axis=-3)
     values = jnp.where(p.values != 0, values, jnp.zeros((), values.dtype))
-    return dataclasses.replace(p, values=values, meta=np.zeros(p.meta.shape, jax.dtypes.float0))
+    return p.cotangent(values)
+
+
+FORMAT = Format(name="2:4", pack=pack_two_four, unpack=unpack_two_four, unpack_mask=unpack_mask,
+                values_cotangent=values_cotangent,
+                kernels={"gpu": two_four_matmul_gpu, "tpu": two_four_matmul_tpu,
+                         "reference": matmul_reference})

@@ -1,7 +1,8 @@
-"""y = x @ W for a 2:4-packed W (sparse_llama/kernels/two_four.py): Pallas kernels for GPU
-(Triton) and TPU (Mosaic), their jitted wrappers, and the pure-jnp reference.
+"""y = x @ W for a 2:4-packed W (layout: sparse_llama/kernels/two_four.py): Pallas kernels for
+GPU (Triton) and TPU (Mosaic) and their jitted wrappers. The pure-jnp reference is
+`packed.matmul_reference`; two_four.py (above this file) puts both in its `Format` record.
 
-With x read as four planes x_j[:, g] = x[:, 4g + j] (`two_four.x_planes`), x @ W is
+With x read as four planes x_j[:, g] = x[:, 4g + j] (`x_planes`), x @ W is
 sum_j x_j @ W_j where W_j[g] = (i0 == j) v0[g] + (i1 == j) v1[g]: four dense products per
 group tile, built from the two value planes and the 2-bit codes with selects only (no gather,
 no interleave), so W is read in its packed size. A meta tile (bg, bn) holds the codes of two
@@ -19,13 +20,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from sparse_llama.kernels.packed import PackedWeight
 from sparse_llama.kernels.pallas_calls import gpu_call, pad_rows, tpu_accumulate, tpu_call
-from sparse_llama.kernels.two_four import TwoFourWeight, unpack_two_four, x_planes
 
 
-def two_four_matmul_reference(x: Float[Array, "m k"], p: TwoFourWeight) -> Float[Array, "m n"]:
-    """x @ unpack(p) in x's dtype (pure jnp)."""
-    return jnp.dot(x, unpack_two_four(p).astype(x.dtype))
+def x_planes(x: Float[Array, "m k"], g_pad: int) -> Float[Array, "4 m gp"]:
+    """x[:, 4g + j] as plane j (zero-padded to g_pad groups): what the kernels contract."""
+    m, k = x.shape
+    planes = jnp.transpose(x.reshape(m, k // 4, 4), (2, 0, 1))
+    return jnp.pad(planes, ((0, 0), (0, 0), (0, g_pad - k // 4)))
 
 
 def _tile_product(load_x, load_v, meta, dtype):
@@ -71,13 +74,13 @@ def _tpu_kernel(x_lo, x_hi, v_lo, v_hi, meta_ref, o_ref, acc_ref):
         x_lo.dtype))
 
 
-def _planes(x, p: TwoFourWeight, block_m: int):
+def _planes(x, p: PackedWeight, block_m: int):
     xp, mp = pad_rows(x, block_m)
     return x_planes(xp, p.values.shape[-2]), mp
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret"))
-def two_four_matmul_gpu(x: Float[Array, "m k"], p: TwoFourWeight, *, block_m: int = 16,
+def two_four_matmul_gpu(x: Float[Array, "m k"], p: PackedWeight, *, block_m: int = 16,
                         block_n: int = 128, interpret: bool = False) -> Float[Array, "m n"]:
     """The Triton kernel: x (M, K) @ W, any M (rows padded to block_m)."""
     _, gp, np_ = p.values.shape
@@ -95,7 +98,7 @@ def two_four_matmul_gpu(x: Float[Array, "m k"], p: TwoFourWeight, *, block_m: in
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret"))
-def two_four_matmul_tpu(x: Float[Array, "m k"], p: TwoFourWeight, *, block_m: int = 16,
+def two_four_matmul_tpu(x: Float[Array, "m k"], p: PackedWeight, *, block_m: int = 16,
                         block_n: int = 128, interpret: bool = False) -> Float[Array, "m n"]:
     """The Mosaic kernel: x (M, K) @ W, any M (rows padded to block_m)."""
     _, gp, np_ = p.values.shape

@@ -15,8 +15,6 @@ inside a temporary directory that is renamed into place only when complete.
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from sparse_llama.ground import param_table, publish
+from sparse_llama.ground.tree_paths import get_path, set_path
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.model.hf_config import config_from_hf, config_to_hf
@@ -33,21 +33,8 @@ from sparse_llama.sparsity.masks import check_masks
 
 # (Hugging Face name, our params path, transposed). "{i}" marks a per-layer tensor, stored at
 # index i of the leading layer axis of our stacked param.
-TENSOR_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("model.embed_tokens.weight", ("embed_tokens",), False),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm"), False),
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), True),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), True),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), True),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), True),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm"),
-     False),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), True),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj"), True),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj"), True),
-    ("model.norm.weight", ("norm",), False),
-    ("lm_head.weight", ("lm_head",), True),
-)
+TENSOR_TABLE: tuple[tuple[str, tuple[str, ...], bool], ...] = tuple(
+    (p.hf_name, p.path, p.transposed) for p in param_table.PARAMS)  # ground/param_table.py
 # Buffers some exporters include; they are recomputed from the config, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # The files that travel with a model's tokenizer, for every writer (save_hf's `tokenizer_dir`,
@@ -69,19 +56,6 @@ class HFTensor(NamedTuple):
     layer: int | None  # index on the stacked layer axis, None for unstacked params
     transpose: bool
     hf_shape: tuple[int, ...]  # the tensor's shape in the Hugging Face file
-
-
-def get_path(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    """tree[path[0]][path[1]]... = value, making the inner dicts on the way."""
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
 
 
 def table_entries(num_layers: int, tied: bool) -> list[tuple[str, tuple[str, ...], int | None,
@@ -307,44 +281,6 @@ def _check_params(params: dict, config: LlamaConfig) -> None:
                              f"config implies {shape}")
 
 
-def fsync_tree(root: Path) -> None:
-    """Flush every file and the directory itself, so the rename publishes complete data even
-    if the machine (not just the process) goes down right after it."""
-    for f in root.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_dir(staged: Path, out: Path) -> None:
-    """Publish the complete directory `staged` as `out`: renamed into place, an existing `out`
-    moved aside first and deleted after, so `out` is at every moment old or new, never mixed."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(staged, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(staged, out)
-
-
-def _prepare_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
-        # Replacing is a recursive delete: only ever do it to a previous checkpoint.
-        raise FileExistsError(f"{out} exists, is not empty and holds no config.json; refusing "
-                              "to replace it with a checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
 def _tokenizer_files(tokenizer_dir) -> tuple[list[Path], dict]:
     """(the tokenizer files to copy, the source's generation_config or {}), checked."""
     if tokenizer_dir is None:
@@ -423,24 +359,16 @@ def save_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike, *, ma
             generation_config: dict | None = None) -> Path:
     """Write a Hugging Face Llama checkpoint of `params` to `out_dir` (`write_hf`'s files);
     returns its path. One process: a multi-host run publishes `write_hf` through
-    `sparse_export.publish_dir`, whose staging directory every process agrees on.
+    `ground.publish.publish_dir` itself.
 
-    The checkpoint is written to a temporary directory beside `out_dir` and renamed into place,
-    so a crash never leaves a partial checkpoint. An existing `out_dir` is replaced only if it
-    is empty or holds a config.json (a previous checkpoint); otherwise FileExistsError.
+    The checkpoint is written to a directory beside `out_dir` and renamed into place
+    (ground/publish.py), so a crash never leaves a partial checkpoint. An existing `out_dir`
+    is replaced only if it is empty or holds a config.json (a previous checkpoint); otherwise
+    FileExistsError.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    out = Path(out_dir)
-    _prepare_out_dir(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private to us
-        write_hf(params, config, tmp, masks=masks, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                 max_shard_bytes=max_shard_bytes, generation_config=generation_config)
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    publish.check_replaceable(out_dir)
+    return publish.publish_dir(out_dir, lambda staging: write_hf(
+        params, config, staging, masks=masks, tokenizer_dir=tokenizer_dir, dtype=dtype,
+        max_shard_bytes=max_shard_bytes, generation_config=generation_config))

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from sparse_llama.ground import param_table
+from sparse_llama.ground.tree_paths import set_path
 from sparse_llama.model import layers, sharding
 from sparse_llama.model.config import LlamaConfig, rope_inverse_frequencies
 from sparse_llama.model.linear import linear
@@ -34,21 +36,15 @@ _REMAT = {
 
 
 def param_shapes(config: LlamaConfig) -> dict:
-    """The params tree as (shape) tuples, without allocating."""
-    d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
-    shapes = {
-        "embed_tokens": (v, d),
-        "layers": {
-            "input_layernorm": (n, d),
-            "self_attn": {"q_proj": (n, d, config.q_width), "k_proj": (n, d, config.kv_width),
-                          "v_proj": (n, d, config.kv_width), "o_proj": (n, config.q_width, d)},
-            "post_attention_layernorm": (n, d),
-            "mlp": {"gate_proj": (n, d, f), "up_proj": (n, d, f), "down_proj": (n, f, d)},
-        },
-        "norm": (d,),
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (d, v)
+    """The params tree as (shape) tuples, without allocating (ground/param_table.py)."""
+    size = {"v": config.vocab_size, "d": config.hidden_size, "f": config.intermediate_size,
+            "q": config.q_width, "k": config.kv_width}
+    shapes: dict = {}
+    for p in param_table.PARAMS:
+        if p.path == ("lm_head",) and config.tie_word_embeddings:
+            continue
+        layers = (config.num_layers,) if p.path[0] == "layers" else ()
+        set_path(shapes, p.path, (*layers, *(size[c] for c in p.dims)))
     return shapes
 
 

@@ -15,7 +15,7 @@ Adapters are a plain nested dict keyed like the params (`layers/self_attn/q_proj
 {"a", "b"}); saved alone as one safetensors file (`save_adapters`, tensor names
 `layers.self_attn.q_proj.lora_a` / `.lora_b`, rank and alpha in its metadata).
 
-Training them is train/adapters.py's (any objective's loss of the merged model, the base and
+Training them is adapters/objective.py's (any objective's loss of the merged model, the base and
 its masks frozen inputs of the step).
 """
 
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from sparse_llama.model.hf_io import get_path
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
+from sparse_llama.ground.tree_paths import get_path, path_name
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
 
 
 def _targets(params: dict, targets: Sequence[str]) -> dict:

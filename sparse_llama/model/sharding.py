@@ -17,27 +17,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sparse_llama.sparsity.masks import path_name
+from sparse_llama.ground import param_table
+from sparse_llama.ground.tree_paths import path_name
 
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshConfig = ml_collections.ConfigDict | Mapping
 
 # Logical axes of each param, by its name (the last path component; layer leaves get "layers"
 # in front). Names follow llama.param_shapes.
-_LOGICAL = {
-    "embed_tokens": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "norm": ("norm",),
-    "input_layernorm": ("norm",),
-    "post_attention_layernorm": ("norm",),
-    "q_proj": ("embed", "heads"),
-    "k_proj": ("embed", "kv_heads"),
-    "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-}
+_LOGICAL = {name: p.logical for name, p in param_table.by_leaf_name().items()}
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
@@ -81,7 +69,7 @@ def logical_axes(tree) -> dict:
         base = _LOGICAL.get(name.rsplit("/", 1)[-1])
         if base is None:
             raise ValueError(f"no logical axes known for param {name!r}; add it to "
-                             "sparse_llama/model/sharding.py:_LOGICAL")
+                             "sparse_llama/ground/param_table.py")
         if name.startswith("layers/"):
             base = ("layers", *base)
         if structured:

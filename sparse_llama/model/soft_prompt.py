@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from sparse_llama.model import layers, llama
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.train.loss import token_nll
+from sparse_llama.model.loss import token_nll
 
 TENSOR = "soft_prompt"
 

@@ -20,8 +20,8 @@ import ml_collections
 import optax
 from jaxtyping import Array, Float, Int
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.optim.keep_sparse import keep_sparse
-from sparse_llama.sparsity.masks import path_name
 
 OptimizerConfig = ml_collections.ConfigDict | Mapping
 

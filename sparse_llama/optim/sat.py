@@ -31,8 +31,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Int
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.sparsity.masks import path_name
 
 # Leaves that SAT units own, and the axis (of the (L, in, out) weight) the unit indexes.
 _MLP_LEAVES = {"gate_proj": 2, "up_proj": 2, "down_proj": 1}

@@ -12,7 +12,11 @@ Statistics are accumulated in float32 over micro-batches of calibration windows.
 micro-batches are sharded over the batch rule and the Gram matrices come out summed over the
 devices (XLA's all-reduce: data-parallel accumulation with a psum).
 
-NaN/inf anywhere stops the run with `magnitude.NonFiniteError` naming the block and tensor: the
+The driver names no method: `PruneSpec.method` is a record (pruning/method.py; by name from
+pruning/methods.py) whose `stat` says which statistic to gather and whose `solve` prunes each
+linear; a `LinearPass` (quantization's) replaces it.
+
+NaN/inf anywhere stops the run with `selection.NonFiniteError` naming the block and tensor: the
 activations entering each block are checked here, each linear's weight and input statistic by
 its solver. A silent fallback would write a model whose broken layer nobody notices.
 """
@@ -27,43 +31,36 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sparse_llama.ground import param_table
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.pruning import hessian, magnitude, profiles, sparsegpt, wanda
-from sparse_llama.pruning.magnitude import NonFiniteError
+from sparse_llama.pruning import hessian, profiles
+from sparse_llama.pruning.method import Method
 from sparse_llama.sparsity.masks import dense_masks
+from sparse_llama.sparsity.selection import NonFiniteError, check_finite
 
 # Which linears read each tapped input (names are paths inside a block's params).
-GROUPS = {
-    "qkv": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
-    "o_proj": ("self_attn/o_proj",),
-    "gate_up": ("mlp/gate_proj", "mlp/up_proj"),
-    "down_proj": ("mlp/down_proj",),
-}
+GROUPS = param_table.tap_groups()
 SEQUENTIAL_STAGES = (("qkv",), ("o_proj",), ("gate_up",), ("down_proj",))
 ONE_STAGE = (("qkv", "o_proj", "gate_up", "down_proj"),)
-
-# method -> the statistic of each linear's input it needs: 'gram' (sum of x x^T),
-# 'sqnorm' (sum of x_j^2 per input feature) or None.
-METHOD_STATS = {"sparsegpt": "gram", "wanda": "sqnorm", "magnitude": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneSpec:
-    method: str  # sparsegpt | wanda | magnitude
+    """What the driver prunes, how much, and with which method."""
+
+    method: Method | None  # the record (methods.get(name)); None: a LinearPass solves instead
     layer_sparsity: tuple[float, ...]  # one value per decoder block
-    n: int = 0
+    n: int = 0  # N:M (n pruned in every m consecutive inputs); 0:0 = unstructured
     m: int = 0
-    block_size: int = 128
-    dampening: float = 0.01
     module_sparsity: tuple[tuple[str, float], ...] = ()  # per-module-type overrides
     true_sequential: bool = False
     batch_size: int = 8  # calibration windows per micro-batch
 
     def __post_init__(self):
-        if self.method not in METHOD_STATS:
-            raise ValueError(f"pruning.method={self.method!r} is not one of "
-                             f"{sorted(METHOD_STATS)}")
+        if self.method is not None and not isinstance(self.method, Method):
+            raise TypeError(f"PruneSpec.method={self.method!r}: pass a method record "
+                            "(sparse_llama.pruning.methods.get(name)) or None")
         for s in self.layer_sparsity:
             profiles.check_sparsity(s)
         if (self.n, self.m) != (0, 0) and not 0 < self.n < self.m:
@@ -92,8 +89,9 @@ _STATS = {
 
 @dataclasses.dataclass(frozen=True)
 class LinearPass:
-    """A calibration pass that treats the linears otherwise than `PruneSpec.method` does
-    (quantization, with or without pruning in the same pass; sparse_llama/quant/calibrate.py).
+    """How a calibration pass treats each linear: `PruneSpec.method`'s (`method_pass`), or
+    otherwise (quantization, with or without pruning in the same pass;
+    sparse_llama/quant/calibrate.py).
 
     stat: the statistic `solve` gets of each linear's input ('gram', 'sqnorm' or None).
     solve(block, name, w (in, out), stat, sparsity, mask (in, out) or 0-d) -> (w, mask):
@@ -191,22 +189,27 @@ def _tensor_name(block: int, name: str) -> str:
     return f"model.layers.{block}.{name.replace('/', '.')}.weight"
 
 
-def prune_linear(method: str, w_in_out, stat, *, sparsity, spec: PruneSpec, mask_in_out):
-    """Prune one linear stored (in, out). SparseGPT takes that layout as it is (its sweep's
-    own); Wanda and magnitude take Hugging Face (out, in)."""
+def prune_linear(method: Method, spec: PruneSpec, w_in_out, stat, sparsity: float,
+                 mask_in_out):
+    """Prune one linear stored (in, out) with `method` (`spec`'s pattern) -> (w, mask). One
+    with nothing to prune (sparsity 0, unstructured) comes back as it is, unsolved."""
+    if sparsity == 0.0 and (spec.n, spec.m) == (0, 0):
+        return w_in_out, mask_in_out
     mask = None if mask_in_out is None or mask_in_out.ndim == 0 else mask_in_out
-    if method == "sparsegpt":  # no transposes: four eager programs per shape fewer
-        return sparsegpt.prune_layer(
-            w_in_out, stat, sparsity=sparsity, n=spec.n, m=spec.m, block_size=spec.block_size,
-            dampening=spec.dampening, mask=mask, layout="in_out")
-    w, mask = w_in_out.T.astype(jnp.float32), None if mask is None else mask.T
-    if method == "wanda":
-        new_w, new_mask = wanda.prune_layer(w, stat, sparsity=sparsity, n=spec.n, m=spec.m,
-                                            mask=mask)
-    else:
-        new_w, new_mask = magnitude.prune_layer(w, sparsity=sparsity, n=spec.n, m=spec.m,
-                                                mask=mask)
-    return new_w.T.astype(w_in_out.dtype), new_mask.T
+    return method.solve(method.params, w_in_out, stat, sparsity=sparsity, n=spec.n, m=spec.m,
+                        mask=mask)
+
+
+def method_pass(spec: PruneSpec) -> LinearPass:
+    """The pass that prunes every targeted linear with `spec.method`."""
+    if spec.method is None:
+        raise ValueError("PruneSpec.method is None: pass a method record or a LinearPass")
+
+    def solve(block, name, w_in_out, stat, sparsity, mask_in_out):
+        del block, name
+        return prune_linear(spec.method, spec, w_in_out, stat, sparsity, mask_in_out)
+
+    return LinearPass(stat=spec.method.stat, solve=solve)
 
 
 def owl_outlier_ratios(block: Callable[[int], dict], inputs: list, config: LlamaConfig, *,
@@ -230,7 +233,7 @@ def owl_outlier_ratios(block: Callable[[int], dict], inputs: list, config: Llama
                    for g, names in GROUPS.items() for name in names}
         for name, a in metrics.items():
             try:
-                magnitude.check_finite(a, "its OWL metric |W| * ||X||")
+                check_finite(a, "its OWL metric |W| * ||X||")
             except NonFiniteError as err:
                 raise NonFiniteError(f"block {i} {_tensor_name(i, name)}: {err}") from None
         ratios.append(profiles.outlier_ratio(list(metrics.values()), m))
@@ -263,15 +266,17 @@ def prune_blocks(block: Callable[[int], dict], inputs: list, config: LlamaConfig
     Only one block's weights, its masks and the calibration activations are live here: the
     caller decides what to keep (`prune_model` stacks them; pruning/stream.py writes them to
     disk and lets them go). block(i): the block's weights (host or device arrays); inputs:
-    block 0's inputs, the calibration windows embedded (`embed_windows`). initial_masks(i, block) -> the masks the block starts from (what
-    they prune stays pruned); default all True. linear_pass: solve the linears with its
-    `solve` (and `prepare` each block) instead of `spec.method`. keep_dense: yield the block
-    as read too (otherwise each dense weight is freed as soon as its pruned one replaces it).
+    block 0's inputs, the calibration windows embedded (`embed_windows`).
+    initial_masks(i, block) -> the masks the block starts from (what they prune stays pruned);
+    default all True. linear_pass: solve the linears with its `solve` (and `prepare` each
+    block) instead of `spec.method`. keep_dense: yield the block as read too (otherwise each
+    dense weight is freed as soon as its pruned one replaces it).
     """
     if len(spec.layer_sparsity) != config.num_layers:
         raise ValueError(f"{len(spec.layer_sparsity)} layer sparsities for a model with "
                          f"{config.num_layers} layers")
-    kind = METHOD_STATS[spec.method] if linear_pass is None else linear_pass.stat
+    linear_pass = method_pass(spec) if linear_pass is None else linear_pass
+    kind = linear_pass.stat
     overrides = dict(spec.module_sparsity)
     stages = SEQUENTIAL_STAGES if spec.true_sequential else ONE_STAGE
     acts = Activations(inputs, mesh, rules)
@@ -283,24 +288,17 @@ def prune_blocks(block: Callable[[int], dict], inputs: list, config: LlamaConfig
         layer_masks = dense_masks(p) if initial_masks is None else initial_masks(i, p)
         layer_masks = jax.device_put(layer_masks, place)
         dense = p if keep_dense else None
-        if linear_pass is not None and linear_pass.prepare is not None:
+        if linear_pass.prepare is not None:
             p = linear_pass.prepare(i, p, functools.partial(acts.stats, p, config))
         for stage in stages:
             stats = acts.stats(p, config, stage, kind) if kind else {}
             for g in stage:
                 for name in GROUPS[g]:
                     s = profiles.module_sparsity(spec.layer_sparsity[i], name, overrides)
-                    if s == 0.0 and (spec.n, spec.m) == (0, 0) and linear_pass is None:
-                        continue
                     try:
-                        if linear_pass is not None:
-                            new_w, new_mask = linear_pass.solve(
-                                i, name, _module_get(p, name), stats.get(g), s,
-                                _module_get(layer_masks, name))
-                        else:
-                            new_w, new_mask = prune_linear(
-                                spec.method, _module_get(p, name), stats.get(g), sparsity=s,
-                                spec=spec, mask_in_out=_module_get(layer_masks, name))
+                        new_w, new_mask = linear_pass.solve(
+                            i, name, _module_get(p, name), stats.get(g), s,
+                            _module_get(layer_masks, name))
                     except NonFiniteError as err:  # the solver cannot know where it runs
                         raise NonFiniteError(f"block {i} {_tensor_name(i, name)}: {err}"
                                              ) from None

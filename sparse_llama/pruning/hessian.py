@@ -97,3 +97,12 @@ def accumulate_absmax(state: AbsMaxState, x_btd: Float[Array, "b t d"]) -> AbsMa
 def finalize_absmax(state: AbsMaxState) -> Float[Array, " d"]:
     """(d,) max over all calibration tokens of |x_j|."""
     return state.absmax
+
+
+def from_gram(kind: str | None, hessian: Float[Array, "d d"] | None):
+    """The statistic `kind` of a linear's inputs ('gram', 'sqnorm' or None) read off their
+    Hessian, for a pass that gathers only that (quantization's): 'sqnorm' is diag(H), which is
+    ||X_j||_2^2 times 2/n, and no per-row ranking sees a positive global factor."""
+    if kind is None:
+        return None
+    return hessian if kind == "gram" else jnp.diagonal(hessian)

@@ -37,6 +37,7 @@ Hessian whose factorisation fails (rounding makes it indefinite) is retried with
 factorisation is a separate jitted step that returns a success flag.
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -46,15 +47,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from sparse_llama.pruning.magnitude import (
-    check_finite,
-    check_mask_dtype,
-    check_pattern,
-    count_for,
-    mask_smallest,
-    mask_smallest_nm,
-)
+from sparse_llama.pruning.method import Method, check_mask_dtype, check_pattern
 from sparse_llama.pruning.quantize import QuantGrid, fake_quantize, minmax_grid
+from sparse_llama.sparsity.selection import check_finite, count_for, mask_smallest, mask_smallest_nm
 
 _SUB = 16  # columns per sub-block of the sweep
 _LEAF = 128  # block of the factorisation: one sequential elimination loop of this size
@@ -474,3 +469,33 @@ def quantize_layer(weight: Float[Array | np.ndarray, "out in"],
                         block_size=block_size, dampening=dampening, mask=mask, bits=bits,
                         sym=sym, group=group_size, layout=layout)
     return w, grid
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTParams:
+    """SparseGPT's own hyper-parameters: the `pruning.*` keys its record takes."""
+
+    block_size: int = 128  # the column block B: comparison group and lazy-update granularity
+    dampening: float = 0.01  # lambda = dampening * mean(diag H)
+
+
+def check_params(params: SparseGPTParams, n: int, m: int) -> None:
+    """The config's values, before any work (the solver's own checks are looser: it takes a
+    dampening of 0)."""
+    if params.block_size < 1 or (m and params.block_size % m):
+        raise ValueError(f"pruning.block_size={params.block_size} must be positive and a "
+                         f"multiple of pruning.m={m} (default 128)")
+    if params.dampening <= 0:
+        raise ValueError(f"pruning.dampening={params.dampening} must be positive (default 0.01)")
+
+
+def _solve_stored(params: SparseGPTParams, w_in_out, hessian, *, sparsity, n, m, mask):
+    """The record's solve: the stored (in, out) layout is the sweep's own, so no transposes
+    (four eager programs per shape fewer)."""
+    return prune_layer(w_in_out, hessian, sparsity=sparsity, n=n, m=m,
+                       block_size=params.block_size, dampening=params.dampening, mask=mask,
+                       layout="in_out")
+
+
+METHOD = Method(name="sparsegpt", stat="gram", solve=_solve_stored, params=SparseGPTParams(),
+                check=check_params)

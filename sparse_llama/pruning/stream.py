@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_llama.eval.perplexity import perplexity_of
+from sparse_llama.ground.tree_paths import get_path, path_name
 from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.loss import token_nll
 from sparse_llama.model.safetensors_stream import ShardedWriter
 from sparse_llama.pruning import driver
-from sparse_llama.sparsity import mask_io
-from sparse_llama.sparsity import report as report_lib
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
-from sparse_llama.train.loss import token_nll
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparse_io import report as report_lib
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
 
 
 class Source(NamedTuple):
@@ -102,7 +103,7 @@ def _write_top(writer: ShardedWriter | None, top: dict, entries, np_dtype) -> No
     """The tensors of `entries` outside the blocks (`top` holds exactly them)."""
     for name, path, _, transpose in entries:
         if writer is not None:
-            writer.add(name, hf_io.stored_tensor(np.asarray(hf_io.get_path(top, path)), None,
+            writer.add(name, hf_io.stored_tensor(np.asarray(get_path(top, path)), None,
                                                  transpose, np_dtype))
 
 
@@ -142,8 +143,8 @@ def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
                                     mesh=mesh, rules=rules, keep_dense=evals is not None):
         for name, path, layer, transpose in (e for e in entries if e[2] == done.layer):
             leaf = path[1:]
-            w = sharding.host_array(hf_io.get_path(done.pruned, leaf))
-            m = hf_io.get_path(done.masks, leaf)
+            w = sharding.host_array(get_path(done.pruned, leaf))
+            m = get_path(done.masks, leaf)
             keep = sharding.host_array(m) if np.ndim(m) else None
             if keep is not None:
                 w = np.where(keep, w, np.zeros((), w.dtype))  # counted as written

@@ -15,14 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from sparse_llama.pruning.magnitude import (
-    check_finite,
-    check_mask_dtype,
-    check_pattern,
-    count_for,
-    mask_smallest,
-    mask_smallest_nm,
-)
+from sparse_llama.pruning.method import Method, check_mask_dtype, check_pattern, solve_out_in
+from sparse_llama.sparsity.selection import check_finite, count_for, mask_smallest, mask_smallest_nm
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
@@ -61,3 +55,6 @@ def prune_layer(weight: Float[Array | np.ndarray, "out in"],
     k = count_for(sparsity, weight.shape[1])
     keep = None if mask is None else jnp.asarray(mask)
     return _wanda(weight, jnp.asarray(input_sq_norms), keep, k, n=n, m=m)
+
+
+METHOD = Method(name="wanda", stat="sqnorm", solve=solve_out_in(prune_layer))

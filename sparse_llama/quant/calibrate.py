@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.pruning import driver
+from sparse_llama.pruning import driver, hessian
 from sparse_llama.quant import gptq, smoothquant
 from sparse_llama.sparsity.masks import masks_from_zeros
 
@@ -89,21 +89,18 @@ def quantize_model(params: dict, config: LlamaConfig, windows: np.ndarray, spec:
     check_against_model(spec, config)
     masks = masks_from_zeros(params) if masks is None else masks
     if prune is None:
-        prune = driver.PruneSpec(method="magnitude", layer_sparsity=(0.0,) * config.num_layers,
+        prune = driver.PruneSpec(method=None, layer_sparsity=(0.0,) * config.num_layers,
                                  batch_size=batch_size)
-        prunes = False
-    else:
-        prunes = True
-    needs_gram = spec.method == "gptq" or (prunes and prune.method != "magnitude")
+    method = prune.method
+    needs_gram = spec.method == "gptq" or (method is not None and method.stat is not None)
     per_layer_scales: dict[str, list] = {}
 
     def solve(block, name, w_in_out, stat, sparsity, mask_in_out):
         mask = mask_in_out
-        if prunes and (sparsity > 0 or prune.n):
-            # Wanda ranks by ||X_j||^2, which diag(H) is proportional to: same mask.
-            pstat = jnp.diagonal(stat) if prune.method == "wanda" else stat
-            w_in_out, mask = driver.prune_linear(prune.method, w_in_out, pstat, sparsity=sparsity,
-                                               spec=prune, mask_in_out=mask_in_out)
+        if method is not None:  # the method's statistic from the Hessian (the one gathered)
+            w_in_out, mask = driver.prune_linear(method, prune, w_in_out,
+                                                 hessian.from_gram(method.stat, stat), sparsity,
+                                                 mask_in_out)
         keep = None if mask.ndim == 0 else mask.T
         q = gptq.quantize_linear(spec.method, w_in_out.T, stat, bits=spec.bits,
                                  group_size=spec.group_size, act_order=spec.act_order,

@@ -11,7 +11,7 @@
 What transformers loads with the `compressed-tensors` package installed and vLLM serves as
 W8A8. The writer builds the Hugging Face directory with `hf_io.save_hf` (config, tokenizer,
 generation config, shards) and then re-encodes the quantized linears of its safetensors files,
-all inside one staging directory renamed into place (`sparse_export.publish_dir`). The reader
+all inside one staging directory renamed into place (`ground.publish.publish_dir`). The reader
 takes any `int-quantized` / `naive-quantized` checkpoint with channel-wise symmetric int8
 weights (an int8 tensor needs its scale; float tensors are read as they are) and returns float
 params plus the scales, so the W8A8 weights are rebuilt exactly.
@@ -27,13 +27,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sparse_llama.ground.publish import publish_dir, write_file
+from sparse_llama.ground.tree_paths import get_path, path_name
 from sparse_llama.model import hf_io, llama
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.model.hf_config import config_from_hf
 from sparse_llama.quant.w8a8 import QMAX
-from sparse_llama.sparsity import mask_io
-from sparse_llama.sparsity.masks import is_target, path_name
-from sparse_llama.sparsity.sparse_export import publish_dir
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparsity.masks import is_target
 
 FORMAT = "int-quantized"
 _READABLE_FORMATS = ("int-quantized", "naive-quantized")
@@ -110,8 +111,7 @@ def _encode_file(file: Path, names: dict, scales: dict, dtype) -> dict[str, str]
         tensors[name] = np.clip(codes, -QMAX, QMAX).astype(np.int8)
         tensors[name + _SCALE] = s[:, None].copy()
         added[name + _SCALE] = file.name
-    save_file(tensors, str(file) + ".tmp", metadata={"format": "pt"})
-    os.replace(str(file) + ".tmp", file)
+    write_file(file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return added
 
 
@@ -200,7 +200,7 @@ def load_compressed(path: str | os.PathLike, *, param_dtype=np.float32
             scale = scale.astype(np.float32).reshape(-1)
             t = t.astype(np.float32) * scale[:, None]
             layer_scales.setdefault("/".join(where.path), {})[where.layer] = scale
-        dest = hf_io.get_path(host, where.path)
+        dest = get_path(host, where.path)
         t = (t.T if where.transpose else t).astype(dest.dtype)
         if where.layer is None:
             dest[...] = t

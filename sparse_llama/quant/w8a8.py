@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int8
 
-from sparse_llama.sparsity.masks import is_target, path_name
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.sparsity.masks import is_target
 
 QMAX = 127  # symmetric int8: -127 .. 127 (no -128, so that negation is exact)
 

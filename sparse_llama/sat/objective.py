@@ -1,9 +1,9 @@
 """The SAT objective: score and select the kept units once per step (`prepare`, no gradient),
 then forward and backward over the kept units only (`loss`), rung by rung of the ladder.
 
-    objectives.OBJECTIVES["sat"] = sparse_llama.sat.objective.build
+Registered as `train.objective="sat"` in sparse_llama/objectives.py.
 
-`build(config, model, mesh, rules)` reads `config.sat` (configs/sat_cpt.py `sat_section()`
+`build(config, model, mesh, rules)` reads `config.sat` (configs/blocks.py `sat()`
 documents each key), validates it against the model and `train.steps`, and returns an
 `Objective` whose `phase(step)` is the LORS rung of the step and `at_phase(rung)` that rung's
 objective (its own static unit counts, hence its own compiled step). `transform` wraps the
@@ -18,6 +18,7 @@ draws from `fold_in(key, 0x5A7)`, so a resumed run selects exactly the units an 
 run would.
 """
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -27,21 +28,39 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from sparse_llama.ground.sections import spec_from_section
 from sparse_llama.model import llama
 from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.loss import token_nll
 from sparse_llama.optim.sat import sat_transform
 from sparse_llama.sat import schedule, scores, selection
-from sparse_llama.train.loss import token_nll
-from sparse_llama.train.objectives import Objective
+from sparse_llama.train.objective import Objective
 
 _SAT_TAG = 0x5A7
 
-DEFAULTS = {
-    "metric": "maxip", "selection": "sampling", "temperature": 0.05, "normalize": "max",
-    "mlp_rate": 0.5, "head_rate": 0.0, "layers": "all", "freeze_omitted": True,
-    "score_fraction": 0.125, "score_len": 0,
-    "lors": {"constant_fraction": 0.8, "rungs": 4},
-}
+@dataclasses.dataclass(frozen=True)
+class LorsSection:
+    """`sat.lors`: the ladder back to dense."""
+
+    constant_fraction: float
+    rungs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SatSection:
+    """`sat` (defaults and what each key means: configs/blocks.py `sat()`)."""
+
+    metric: str
+    selection: str
+    temperature: float
+    normalize: str
+    mlp_rate: float
+    head_rate: float
+    layers: str | tuple
+    freeze_omitted: bool
+    score_fraction: float
+    score_len: int
+    lors: ml_collections.ConfigDict | dict
 
 
 class Plan(NamedTuple):
@@ -56,12 +75,6 @@ class Plan(NamedTuple):
     score_fraction: float
     score_len: int
     ladder: schedule.Ladder
-
-
-def _get(sat, key):
-    if sat is None or key not in sat:
-        return DEFAULTS[key]
-    return sat[key]
 
 
 def parse_layers(value, num_layers: int) -> tuple[int, ...]:
@@ -92,22 +105,23 @@ def parse_layers(value, num_layers: int) -> tuple[int, ...]:
 
 def make_plan(sat, model: LlamaConfig, total_steps: int) -> Plan:
     """The validated plan of `config.sat`; a one-line ValueError naming the key otherwise."""
-    metric, sel = _get(sat, "metric"), _get(sat, "selection")
+    sat = spec_from_section(SatSection, sat, "sat", home="blocks.sat()")
+    metric, sel = sat.metric, sat.selection
     if metric not in scores.METRICS:
         raise ValueError(f"sat.metric={metric!r} is not one of {scores.METRICS}")
     if sel not in selection.SELECTIONS:
         raise ValueError(f"sat.selection={sel!r} is not one of {selection.SELECTIONS}")
-    norm = _get(sat, "normalize")
+    norm = sat.normalize
     if norm not in selection.NORMALIZATIONS:
         raise ValueError(f"sat.normalize={norm!r} is not one of {selection.NORMALIZATIONS}")
-    temperature = _get(sat, "temperature")
+    temperature = sat.temperature
     if not isinstance(temperature, int | float) or not temperature > 0:
         raise ValueError(f"sat.temperature={temperature!r} must be a positive number "
                          "(the paper's default is 0.05)")
     rates = {}
     for key, units, what in (("mlp_rate", model.intermediate_size, "MLP channels"),
                              ("head_rate", model.num_kv_heads, "KV groups")):
-        r = _get(sat, key)
+        r = getattr(sat, key)
         if not isinstance(r, int | float) or not 0 <= r < 1:
             raise ValueError(f"sat.{key}={r!r} must be in [0, 1) (the fraction of units "
                              "omitted each step)")
@@ -122,27 +136,26 @@ def make_plan(sat, model: LlamaConfig, total_steps: int) -> Plan:
             f"sat.head_rate={rates['head_rate']} omits {groups:.3g} of the model's "
             f"{model.num_kv_heads} KV groups ({g} query head(s) each, kept or omitted "
             f"together); use a multiple of 1/{model.num_kv_heads}")
-    layers = parse_layers(_get(sat, "layers"), model.num_layers)
+    layers = parse_layers(sat.layers, model.num_layers)
     if model.scan_layers and len(layers) < model.num_layers:
-        raise ValueError(f"sat.layers={_get(sat, 'layers')!r} omits units in only some blocks, "
+        raise ValueError(f"sat.layers={sat.layers!r} omits units in only some blocks, "
                          "which needs the unrolled blocks: set model.scan_layers=0 or "
                          "sat.layers='all'")
-    lors = _get(sat, "lors")
-    frac = lors.get("constant_fraction", DEFAULTS["lors"]["constant_fraction"])
-    rungs = lors.get("rungs", DEFAULTS["lors"]["rungs"])
+    lors = spec_from_section(LorsSection, sat.lors, "sat.lors")
+    frac, rungs = lors.constant_fraction, lors.rungs
     if not isinstance(frac, int | float) or not 0 <= frac <= 1:
         raise ValueError(f"sat.lors.constant_fraction={frac!r} must be in [0, 1] "
                          "(1 keeps the rates to the end)")
     if not isinstance(rungs, int) or isinstance(rungs, bool) or rungs < 1:
         raise ValueError(f"sat.lors.rungs={rungs!r} must be an integer >= 1 (the last rung "
                          "is dense)")
-    frac_rows, score_len = _get(sat, "score_fraction"), _get(sat, "score_len")
+    frac_rows, score_len = sat.score_fraction, sat.score_len
     if not isinstance(frac_rows, int | float) or not 0 < frac_rows <= 1:
         raise ValueError(f"sat.score_fraction={frac_rows!r} must be in (0, 1] (the share of "
                          "the batch's rows the scores are computed from)")
     if not isinstance(score_len, int) or score_len < 0:
         raise ValueError(f"sat.score_len={score_len!r} must be an integer >= 0 (0: whole rows)")
-    freeze = _get(sat, "freeze_omitted")
+    freeze = sat.freeze_omitted
     if not isinstance(freeze, bool):
         raise ValueError(f"sat.freeze_omitted={freeze!r} must be True or False")
     ladder = schedule.Ladder.make(rates["mlp_rate"], rates["head_rate"], int(total_steps),

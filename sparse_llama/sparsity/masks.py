@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_llama.ground import param_table
+from sparse_llama.ground.tree_paths import path_name
+
 # N:M groups run along the input axis: -2 of the model's (in, out) / (L, in, out) leaves, -1 of
 # the (out, in) weights the solvers and Hugging Face use.
 NM_AXIS_STORED = -2
@@ -28,12 +31,7 @@ NM_AXIS_HF = -1
 
 # Prunable tensors by path suffix (default target spec: `docs/algorithms.md`, "Calibration and
 # the sequential driver": q/k/v/o and gate/up/down; embeddings, norms and lm_head stay dense).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def path_name(path) -> str:
-    """'layers/self_attn/q_proj' from a jax key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+DEFAULT_TARGETS = param_table.PRUNABLE
 
 
 def is_target(name: str, targets: Sequence[str] = DEFAULT_TARGETS) -> bool:

@@ -10,8 +10,9 @@ the 0-d `True` of `masks.dense_masks`. Masks: True = kept.
 import jax
 import jax.numpy as jnp
 
-from sparse_llama.pruning.magnitude import count_for, mask_smallest
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
+from sparse_llama.sparsity.selection import count_for, mask_smallest
 
 STATIC_KINDS = ("random", "magnitude")
 

@@ -7,7 +7,7 @@ the tokenizer's vocabulary) are the `check_*` functions the loop calls once thos
 
 import ml_collections
 
-from sparse_llama.model import loading
+from sparse_llama import loading
 
 _SECTIONS = {"model": "blocks.model()", "mesh": "blocks.mesh()", "data": "blocks.data()",
              "train": "blocks.train()", "optimizer": "blocks.optimizer()"}

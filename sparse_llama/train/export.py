@@ -10,16 +10,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparse_llama.ground.publish import publish_dir
 from sparse_llama.model import hf_io, llama, sharding
 from sparse_llama.model.config import LlamaConfig, RopeScaling
-from sparse_llama.sparsity.report import format_report
-from sparse_llama.sparsity.sparse_export import publish_dir, save_sparse_hf
+from sparse_llama.sparse_io.report import format_report
+from sparse_llama.sparse_io.sparse_export import save_sparse_hf
 from sparse_llama.train.checkpoint import Checkpoints
 
 
@@ -59,7 +61,7 @@ def export_params(params: dict, model: LlamaConfig, out_dir: str, *,
 def export_sparse(params: dict, masks: dict, model: LlamaConfig, out_dir: str, *,
                   tokenizer_dir: str | None) -> Path:
     """`export_params` for a sparse run: weights with exact zeros, `masks/` and
-    `sparsity_report.json` in one directory, written whole (sparsity/sparse_export.py)."""
+    `sparsity_report.json` in one directory, written whole (sparse_io/sparse_export.py)."""
     out, _ = save_sparse_hf(params, model, out_dir, masks=masks, tokenizer_dir=tokenizer_dir)
     return out
 
@@ -105,19 +107,12 @@ def _saved_settings(checkpoints: Checkpoints) -> tuple[LlamaConfig, ml_collectio
                      "config: every step is damaged")
 
 
-def _check_exports_the_model(run: ml_collections.ConfigDict, workdir: str) -> None:
-    """ValueError for a workdir whose checkpoints hold adapters, not the model."""
-    objective = run.train.get("objective", "lm")
-    lora_rank = (run.get("finetune") or {}).get("lora_rank", 0)
-    if objective == "soft_prompt" or lora_rank:
-        what = "a soft prompt" if objective == "soft_prompt" else "LoRA adapters"
-        raise ValueError(f"{workdir} trained {what} of a frozen model, not the model: its "
-                         "outputs are written when the run ends (rerun the same training "
-                         "command; it resumes from the newest checkpoint and finishes)")
-
-
-def export_latest(workdir: str, out_dir: str | None = None) -> dict:
+def export_latest(workdir: str, out_dir: str | None = None, *,
+                  held_instead: Callable[[ml_collections.ConfigDict], str | None]) -> dict:
     """Export the newest intact checkpoint of `workdir` to `out_dir` (default `<workdir>/hf`).
+
+    `held_instead(run_config)` says what a run's checkpoints hold when it is not the model (a
+    soft prompt, LoRA adapters; the objective registry knows): such a workdir is refused.
 
     Only the params (and the masks of a sparse run) are read back, so any objective's run
     exports (SAT, distillation) without rebuilding its optimizer. A damaged newer step is
@@ -128,7 +123,11 @@ def export_latest(workdir: str, out_dir: str | None = None) -> dict:
         if checkpoints.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
         model, run = _saved_settings(checkpoints)
-        _check_exports_the_model(run, workdir)
+        what = held_instead(run)
+        if what is not None:
+            raise ValueError(f"{workdir} trained {what} of a frozen model, not the model: its "
+                             "outputs are written when the run ends (rerun the same training "
+                             "command; it resumes from the newest checkpoint and finishes)")
         mesh_cfg = {"data": -1, "fsdp": 1, "tensor": 1, "rules": dict(run.mesh.rules)}
         mesh = sharding.make_mesh(mesh_cfg)
         rules = sharding.rules_from_config(mesh_cfg)

@@ -2,7 +2,7 @@
 checkpoints and export.
 
 The order of work: validate the config; build the mesh, the tokenizer, the model config, the
-objective (`train.objective`, train/objectives.py) and the optimizer (AdamW, wrapped in
+objective (`train.objective`, train/objective.py) and the optimizer (AdamW, wrapped in
 keep-sparse when `sparsity.keep`); open `<workdir>/checkpoints` and either restore the newest
 checkpoint (state and data order) or create the state (a preset initialised in place, or a
 Hugging Face directory's weights, with the masks sparse_start.py picks); then step, evaluate,
@@ -17,6 +17,7 @@ metrics are read first, so a checkpoint is never written from a diverged state.
 import json
 import math
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,53 +26,22 @@ import numpy as np
 from absl import logging
 
 from sparse_llama.data import pipeline
-from sparse_llama.data.tokenizer import check_vocab, default_tokenizer, load_tokenizer
-from sparse_llama.model import loading, sharding
-from sparse_llama.model.config import LlamaConfig, check_context, preset
+from sparse_llama.model import sharding
+from sparse_llama.model.loss import BATCH_KEYS
 from sparse_llama.optim import keep_sparse
-from sparse_llama.optim.factory import make_optimizer
-from sparse_llama.train import config_checks, export, objectives, sparse_start
+from sparse_llama.train import config_checks, export, run_setup, sparse_start
 from sparse_llama.train import state as state_lib
 from sparse_llama.train.checkpoint import Checkpoints, StopRequest
-from sparse_llama.train.loss import BATCH_KEYS
 from sparse_llama.train.metrics import RunMetrics, startup_summary
+from sparse_llama.train.objective import Objective
 from sparse_llama.train.step import make_eval_step, make_train_step
+
+# (config, model, mesh, rules) -> the run's Objective
+Builder = Callable[..., Objective]
 
 
 class TrainingDivergedError(ValueError):
     """The loss, gradient or params became NaN/inf; nothing of that step was saved."""
-
-
-def resolve_tokenizer(config: ml_collections.ConfigDict):
-    """(tokenizer, the directory its files come from or None).
-
-    data.tokenizer_path, else the Hugging Face model's own tokenizer, else the embedded BPE
-    with the preset's vocabulary size (or data.tokenizer_vocab_size).
-    """
-    if config.data.tokenizer_path:
-        path = config.data.tokenizer_path
-        return load_tokenizer(path), (path if os.path.isdir(path) else None)
-    if config.model.hf_path:
-        if not os.path.isfile(os.path.join(config.model.hf_path, "tokenizer.json")):
-            raise ValueError(f"model.hf_path={config.model.hf_path!r} has no tokenizer.json; "
-                             "set data.tokenizer_path to the model's tokenizer")
-        return load_tokenizer(config.model.hf_path), config.model.hf_path
-    vocab = config.data.get("tokenizer_vocab_size") or preset(config.model.preset).vocab_size
-    return default_tokenizer(vocab_size=vocab), None
-
-
-def resolve_model_config(config: ml_collections.ConfigDict, tokenizer) -> LlamaConfig:
-    """The model this run trains; a preset trained from scratch takes the tokenizer's vocab."""
-    if config.model.hf_path:
-        model = loading.model_config(config.model)
-    else:
-        # A model trained from scratch speaks its tokenizer's special ids: the export's
-        # config.json and generation_config.json must name them (not the preset's).
-        model = loading.model_config(config.model, vocab_size=tokenizer.vocab_size).replace(
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    check_vocab(tokenizer, model.vocab_size)
-    check_context(config.data.seq_len, model)
-    return model
 
 
 class ProcessBatches:
@@ -168,41 +138,12 @@ def _check_finite(step: int, m: dict, checkpoints: Checkpoints) -> None:
         "optimizer.clip_norm, then rerun (it resumes from the last good checkpoint)")
 
 
-def run_optimizer(config: ml_collections.ConfigDict, objective: objectives.Objective):
-    """(optimizer, schedule) of a run: AdamW from `optimizer.*`, wrapped in keep-sparse when
-    the run keeps a mask, then in whatever the objective adds. Restoring a checkpoint builds
-    the same, so its optimizer state has the same structure. Adapters (LoRA, a soft prompt)
-    are never wrapped in keep-sparse: the frozen model's mask is kept where they apply."""
-    sparse = sparse_start.keeps_mask(config) and objective.trainable is None
-    optimizer, schedule = make_optimizer(config.optimizer, config.train.steps, sparse=sparse)
-    return objective.transform(optimizer), schedule
-
-
-def _initial_state(config, model, optimizer, mesh, rules, param_dtype,
-                   trainable: objectives.Trainable | None) -> state_lib.TrainState:
-    """Step 0: a preset initialised in place, or a Hugging Face directory's weights; with the
-    masks the run keeps (sparse_start.py). Or the objective's adapters (the model is frozen)."""
-    seed = config.train.seed
-    if trainable is not None:
-        return state_lib.init_trainable_state(trainable.init, optimizer, mesh, seed=seed)
-    if config.model.hf_path:
-        bundle = loading.load_model(config.model)
-        masks = sparse_start.loaded_masks(config, bundle.params)
-        state = state_lib.state_from_params(bundle.params, optimizer, mesh, rules, seed=seed,
-                                            param_dtype=param_dtype, masks=masks)
-        del bundle
-    else:
-        state = state_lib.init_state(model, optimizer, mesh, rules, seed=seed,
-                                     param_dtype=param_dtype)
-    mask_fn = sparse_start.static_mask_fn(config)
-    if mask_fn is not None:
-        state = state_lib.masked_state(state, optimizer, seed=seed, mask_fn=mask_fn)
-    return state
-
-
-def train(config: ml_collections.ConfigDict, workdir: str, *,
+def train(config: ml_collections.ConfigDict, workdir: str, *, build_objective: Builder,
           stop: StopRequest | None = None) -> dict:
     """Train to `config.train.steps` (resuming from `workdir`); returns the run summary.
+
+    `build_objective(config, model, mesh, rules)` gives the run's Objective (the commands
+    pass the registry's, sparse_llama/objectives.py).
 
     Summary: step, loss (mean train loss of the last log interval), eval_perplexity,
     tokens_per_s (batch tokens per second, compile excluded), workdir, stopped (True when a
@@ -213,13 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    tokenizer, tokenizer_dir = resolve_tokenizer(config)
-    model = resolve_model_config(config, tokenizer)
+    tokenizer, tokenizer_dir = run_setup.resolve_tokenizer(config)
+    model = run_setup.resolve_model_config(config, tokenizer)
     batch_sh = sharding.batch_sharding(mesh, rules)
     config_checks.check_batch_layout(t.batch_size, t.grad_accum, _batch_devices(batch_sh),
                                      jax.process_count(), t.data_shards)
-    objective = objectives.build(config, model, mesh, rules)
-    optimizer, schedule = run_optimizer(config, objective)
+    objective = build_objective(config, model, mesh, rules)
+    optimizer, schedule = run_setup.run_optimizer(config, objective)
     trainable = objective.trainable
     keep = sparse_start.keeps_mask(config) and trainable is None
     param_dtype = jnp.dtype(config.model.param_dtype)
@@ -241,7 +182,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         state, data_state = restored
         data_iter.set_state(data_state)
     else:
-        state = _initial_state(config, model, optimizer, mesh, rules, param_dtype, trainable)
+        state = run_setup.initial_state(config, model, optimizer, mesh, rules, param_dtype,
+                                          trainable)
     tokenizer_dir = export.save_tokenizer(tokenizer, tokenizer_dir, workdir)
 
     micro_rows = t.batch_size // t.grad_accum

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sparse_llama.sparsity import mask_io
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.sparse_io import mask_io
 from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.sparsity.static import STATIC_KINDS, static_masks
 
@@ -71,7 +72,7 @@ def target_sparsity(params: dict) -> float:
     """Fraction of exact zeros over the target tensors."""
     zeros = total = 0
     for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if masks_lib.is_target(masks_lib.path_name(path)):
+        if masks_lib.is_target(path_name(path)):
             w = np.asarray(w)
             zeros += int(np.count_nonzero(w == 0))
             total += w.size
@@ -86,7 +87,7 @@ def _check_zeros_where_pruned(params: dict, masks: dict, source: str) -> None:
             continue
         n = int(np.count_nonzero(np.asarray(w)[~np.asarray(m)]))
         if n:
-            bad.append(f"{masks_lib.path_name(path)} ({n} nonzero)")
+            bad.append(f"{path_name(path)} ({n} nonzero)")
     if bad:
         raise ValueError(f"the starting checkpoint has nonzero weights where the masks from "
                          f"{source} prune: {', '.join(bad[:4])}; start from the directory "

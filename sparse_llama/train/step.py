@@ -1,7 +1,7 @@
 """One jitted, pure training step and its evaluation twin.
 
 `train_step(state, batch[, inputs]) -> (state, metrics)` minimises an objective
-(`train/objectives.py`; default the dense LM loss) and donates `state`: the old params and optimizer
+(`train/objective.py`; default the dense LM loss) and donates `state`: the old params and optimizer
 moments are overwritten in place, so a step needs one copy of the state, not two. With
 `grad_accum = k` the batch is split into k micro-batches inside the step (a `lax.scan`), their
 gradient sums are added and divided once by the total token count: the update is the one a
@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sparse_llama.model import sharding
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.train import objectives
-from sparse_llama.train.loss import lm_loss
-from sparse_llama.train.objectives import Objective
+from sparse_llama.model.loss import lm_loss
+from sparse_llama.train import objective as objectives
+from sparse_llama.train.objective import Objective
 from sparse_llama.train.state import TrainState
 
 # XLA:CPU hands dots and reductions to YNNPACK but keeps elementwise fusions its own: with
@@ -97,7 +97,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
                     objective: Objective | None = None) -> Callable:
     """The jitted `train_step(state, batch[, inputs]) -> (state, metrics)`, donating `state`.
 
-    `objective` (default: the dense LM loss) says what is minimised (`train/objectives.py`);
+    `objective` (default: the dense LM loss) says what is minimised (`train/objective.py`);
     pass `objective.inputs` as the third argument when it has any: they are placed with
     `objective.input_shardings`, never baked into the program. The objective gets a per-step
     key, `fold_in(state.rng, state.step)` (micro-batch i: `fold_in(key, i)`), so stochastic

@@ -15,6 +15,9 @@ matplotlib.use("Agg")  # files only: no display on pods or CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from sparse_llama.model import hf_io
+from sparse_llama.sparse_io.report import sparsity_report
+
 
 def _train_curve(metrics_path: str) -> tuple[list[int], list[float]]:
     """(steps, losses) of a run's metrics.jsonl; a step recorded twice (a resumed run redid
@@ -93,9 +96,6 @@ def write_plots(workdir: str, records: list[dict]) -> dict:
         with open(report_path) as f:
             report = json.load(f)
     else:
-        from sparse_llama.model import hf_io
-        from sparse_llama.sparsity.report import sparsity_report
-
         report = sparsity_report(hf_io.load_hf(final["hf_dir"])[1])
     sparsity_plot(report, paths["sparsity"],
                   f"per-layer sparsity after {final['name']} ({report['overall']:.1%} overall)")

@@ -17,10 +17,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from sparse_llama import loading
 from sparse_llama.data import sources
 from sparse_llama.data.tokenizer import check_vocab, load_tokenizer
 from sparse_llama.eval import perplexity
-from sparse_llama.model import loading, sharding, soft_prompt
+from sparse_llama.model import sharding, soft_prompt
 from sparse_llama.model.config import check_context
 from sparse_llama.quant import w8a8
 

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_llama.compilation import enable_persistent_cache
+from sparse_llama.ground.compilation import enable_persistent_cache
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,

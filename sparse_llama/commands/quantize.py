@@ -9,6 +9,9 @@ the same masks/ and report. With `eval.path`, perplexity before (the float model
 dequantized weights), as `launch.eval` computes it. Summary: perplexity_before,
 perplexity_after, sparsity (exact zeros of the dequantized targeted weights), bits, seconds,
 output_dir, and method, format, activations, smoothquant_alpha, zeros_kept.
+
+The `quant` section becomes `calibrate.QuantSpec`; `calibration`, `eval` and `pruning` are
+read as launch.prune reads them (commands/prune.py, imported here; it never imports this).
 """
 
 import time
@@ -18,38 +21,35 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from sparse_llama.model import loading, sharding
-from sparse_llama.model.config import check_context
+from sparse_llama import loading
+from sparse_llama.commands import prune as prune_run
+from sparse_llama.ground.sections import spec_from_section
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.model import sharding
 from sparse_llama.pruning import driver
-from sparse_llama.pruning import run as prune_run
 from sparse_llama.quant import calibrate, w8a8
 from sparse_llama.quant import compressed_tensors as ct
+from sparse_llama.sparse_io import report as report_lib
+from sparse_llama.sparse_io.sparse_export import save_sparse_hf
 from sparse_llama.sparsity import masks as masks_lib
-from sparse_llama.sparsity import report as report_lib
-from sparse_llama.sparsity.sparse_export import save_sparse_hf
 
 FORMATS = ("hf", "compressed-tensors")
 
 
-def spec_from_config(q: ml_collections.ConfigDict) -> calibrate.QuantSpec:
-    return calibrate.QuantSpec(
-        method=q.method, bits=int(q.bits), group_size=int(q.group_size),
-        act_order=bool(q.act_order), smoothquant_alpha=float(q.smoothquant_alpha),
-        activations=q.activations, block_size=int(q.block_size), dampening=float(q.dampening))
-
-
-def check_quantize_config(config: ml_collections.ConfigDict) -> calibrate.QuantSpec:
-    """Every value that could stop the run later, before loading anything."""
+def check_quantize_config(config: ml_collections.ConfigDict
+                          ) -> tuple[calibrate.QuantSpec, prune_run.Sections]:
+    """Every value that could stop the run later, before loading anything; returns the typed
+    `quant` section and the others (`pruning` among them only when the config has one)."""
     if "pruning" in config:
-        prune_run.check_prune_config(config)
-        if config.pruning.true_sequential:
+        sections = prune_run.check_prune_config(config)
+        if sections.pruning.true_sequential:
             raise ValueError("pruning.true_sequential is not supported when pruning and "
                              "quantizing in one pass; set pruning.true_sequential=False")
     else:
         loading.check_model_section(config.model)
-        prune_run.check_calibration_and_outputs(config)
+        sections = prune_run.check_calibration_and_outputs(config)
     loading.require_hf_path(config.model)
-    spec = spec_from_config(config.quant)
+    spec = spec_from_section(calibrate.QuantSpec, config.quant, "quant")
     if config.format not in FORMATS:
         raise ValueError(f"format={config.format!r} is not one of {FORMATS}")
     if config.format == "compressed-tensors" and spec.activations != "int8_dynamic":
@@ -61,34 +61,29 @@ def check_quantize_config(config: ml_collections.ConfigDict) -> calibrate.QuantS
                          "config.json has a quantization_config); quantize the float checkpoint")
     model = loading.model_config(config.model)
     calibrate.check_against_model(spec, model)
-    c = config.calibration
+    c = sections.calibration
     tokens = c.num_samples * c.seq_len
     width = max(model.hidden_size, model.q_width, model.intermediate_size)
     if spec.method == "gptq" and tokens < width and not c.path.endswith(".npy"):
         raise ValueError(f"calibration too short: {c.num_samples} x {c.seq_len} = {tokens} "
                          f"tokens cannot give full-rank Hessians of width {width}; raise "
                          "calibration.num_samples or calibration.seq_len")
-    if "pruning" in config:
-        prune_run.check_against_model(config)
-    else:
-        check_context(c.seq_len, model, "calibration.seq_len")
-        if config.eval.path:
-            check_context(config.eval.seq_len, model, "eval.seq_len")
-    return spec
+    prune_run.check_against_model(model, sections)
+    return spec, sections
 
 
 def _zeros_kept(before: dict, after: dict) -> bool:
     kept = jax.tree_util.tree_map_with_path(
         lambda p, a, b: bool(jnp.all(jnp.where(a == 0, b == 0, True)))
-        if masks_lib.is_target(masks_lib.path_name(p)) else True, before, after)
+        if masks_lib.is_target(path_name(p)) else True, before, after)
     return all(jax.tree.leaves(kept))
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Quantize (and with a `pruning` section, first prune) as `config` says; the summary."""
-    spec = check_quantize_config(config)
+    spec, sections = check_quantize_config(config)
     start = time.time()
-    windows, bundle, perplexity = prune_run.load_inputs(config)
+    windows, bundle, perplexity = prune_run.load_inputs(config, sections)
     model = bundle.config
     if spec.method == "gptq" and windows.size < max(model.hidden_size, model.intermediate_size):
         raise ValueError(f"calibration too short: {windows.size} tokens in calibration.path "
@@ -98,10 +93,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     prune = None
-    if "pruning" in config:
+    if sections.pruning is not None:
         prune = prune_run.prune_spec(
-            config, prune_run.layer_sparsities(
-                config, driver.blocks_of(bundle.params), lambda: bundle.params["embed_tokens"],
+            sections, prune_run.layer_sparsities(
+                sections, driver.blocks_of(bundle.params), lambda: bundle.params["embed_tokens"],
                 bundle.config, windows, mesh, rules))
     existing = masks_lib.masks_from_zeros(bundle.params)
     quant_start = time.time()
@@ -109,7 +104,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
               unit="layer") as bar:
         params, masks, scales = calibrate.quantize_model(
             bundle.params, bundle.config, windows, spec, prune=prune, masks=existing,
-            batch_size=config.calibration.batch_size, mesh=mesh, rules=rules, progress=lambda _: bar.update())
+            batch_size=sections.calibration.batch_size, mesh=mesh,
+            rules=rules, progress=lambda _: bar.update())
         jax.block_until_ready(params)
     quant_seconds = time.time() - quant_start
     report = report_lib.sparsity_report(params)
@@ -132,5 +128,5 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "quantize_seconds": round(quant_seconds, 3), "output_dir": str(out),
             "method": spec.method, "format": config.format, "activations": spec.activations,
             "smoothquant_alpha": spec.smoothquant_alpha,
-            "pruning": config.pruning.method if "pruning" in config else None,
+            "pruning": None if sections.pruning is None else sections.pruning.method,
             "zeros_kept": _zeros_kept(bundle.params, params)}

@@ -27,19 +27,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_llama.model import loading, sharding
-from sparse_llama.model.config import param_count, preset
+from sparse_llama import objectives
+from sparse_llama.commands import recipe as stages
+from sparse_llama.model import sharding
+from sparse_llama.model.config import param_count
+from sparse_llama.model.loss import BATCH_KEYS
 from sparse_llama.optim import keep_sparse
-from sparse_llama.train import config_checks, objectives, sparse_start
+from sparse_llama.train import config_checks, run_setup, sparse_start
 from sparse_llama.train import state as state_lib
-from sparse_llama.train.loss import BATCH_KEYS
 from sparse_llama.train.step import make_train_step
 
 _DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32,
            "positions": jnp.int32, "loss_mask": jnp.float32}
 _COLLECTIVE = re.compile(
     r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
-PLANNABLE_OBJECTIVES = ("lm", "sat")
 GB = 10**9  # device memory budgets are given in GB (10^9 bytes), as vendors state them
 
 
@@ -50,13 +51,6 @@ def _shard_bytes(tree) -> int:
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
         total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
     return total
-
-
-def _model(config: ml_collections.ConfigDict):
-    if config.model.hf_path:
-        return loading.model_config(config.model)  # config.json only, no weights
-    vocab = config.data.get("tokenizer_vocab_size") or preset(config.model.preset).vocab_size
-    return loading.model_config(config.model, vocab_size=vocab)
 
 
 def collectives(hlo_text: str) -> dict[str, int]:
@@ -74,10 +68,10 @@ def plan_step(config: ml_collections.ConfigDict, devices: Sequence) -> dict:
         # (a sparse stage of a recipe planned from nothing has no start yet: its state is
         # planned with the masks it will have)
         sparse_start.check_sparsity_config(config)
-    name = config.train.get("objective", "lm")
-    lora = (config.get("finetune") or {}).get("lora_rank", 0)
-    if name not in PLANNABLE_OBJECTIVES or lora:
-        raise ValueError(f"launch.plan plans the {PLANNABLE_OBJECTIVES} objectives without "
+    name, lora = objectives.name_of(config), objectives.lora_rank(config)
+    if not objectives.registered(config).plannable or lora:
+        plannable = tuple(n for n, e in objectives.OBJECTIVES.items() if e.plannable)
+        raise ValueError(f"launch.plan plans the {plannable} objectives without "
                          "LoRA; a run with other models as inputs (a teacher, a frozen base) "
                          f"is not planned yet (train.objective={name!r}, lora_rank={lora})")
     t = config.train
@@ -86,11 +80,9 @@ def plan_step(config: ml_collections.ConfigDict, devices: Sequence) -> dict:
     batch_sh = sharding.batch_sharding(mesh, rules)
     width = sharding.batch_width(mesh, rules)
     config_checks.check_batch_layout(t.batch_size, t.grad_accum, width, 1, t.data_shards)
-    model = _model(config)
+    model = run_setup.planned_model(config)
     objective = objectives.build(config, model, mesh, rules)
-    from sparse_llama.train.loop import run_optimizer  # late: the loop imports this module's deps
-
-    optimizer, schedule = run_optimizer(config, objective)
+    optimizer, schedule = run_setup.run_optimizer(config, objective)
     abstract = state_lib.abstract_state(model, optimizer, mesh, rules,
                                         param_dtype=jnp.dtype(config.model.param_dtype))
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
@@ -146,7 +138,7 @@ def _program_key(run: ml_collections.ConfigDict) -> str:
     (which SAT's ladder does depend on)."""
     d = run.to_dict()
     d.pop("optimizer", None)
-    if d["train"].get("objective", "lm") != "sat":
+    if not objectives.registered(run).steps_shape_program:
         d["train"] = {k: v for k, v in d["train"].items() if k != "steps"}
     return repr(sorted(d.items()))
 
@@ -185,8 +177,6 @@ def plan(config: ml_collections.ConfigDict, devices: Sequence,
     if device_memory_gb is not None and not device_memory_gb > 0:
         raise ValueError(f"--device_memory_gb must be > 0, got {device_memory_gb}")
     if "stages" in config:
-        from sparse_llama.recipes import stages
-
         # Every training stage with a budget (a recipe's dense stage without one is the
         # pretrained start, model.hf_path, which need not exist to plan the others).
         runs = {name: stages.train_config(config, name, config.model.hf_path or "")

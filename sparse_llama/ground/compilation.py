@@ -13,6 +13,8 @@ import os
 import jax
 from jax import monitoring
 
+from sparse_llama.ground.cache import cache_dir
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -23,8 +25,6 @@ def enable_persistent_cache() -> str | None:
         return None
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if not path:
-        from sparse_llama.data.corpus import cache_dir
-
         path = str(cache_dir() / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
     # Every program: the many small ones (slicing a layer out of the stack, scatters) add up

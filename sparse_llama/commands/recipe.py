@@ -3,10 +3,10 @@
 A recipe config (configs/sparse70.py, sparse50.py, spdf.py) has `stages`, a tuple of names, and
 one section per name whose `kind` is a key of `STAGE_KINDS`:
 
-    train   `loop.train` for `tokens` tokens (steps = tokens / (batch_size * seq_len)), dense or
+    train   `commands.train` for `tokens` tokens (steps = tokens / (batch_size * seq_len)), dense or
             with the mask kept (`sparse`), from the previous model (or from scratch when first
             and no `model.hf_path` is given; a first dense stage is skipped when it is given)
-    prune   `pruning.run` (SparseGPT / Wanda / magnitude, uniform or OWL) with calibration
+    prune   `commands.prune` (SparseGPT / Wanda / magnitude, uniform or OWL) with calibration
             windows drawn from the training mixture; `keep_zeros` extends the previous mask
     eval    perplexity of the current model on the eval text, written to `<stage>/eval.json`
     export  the current model (with masks) written once more, in `dtype`, to `<stage>/hf`
@@ -33,17 +33,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sparse_llama import loading
+from sparse_llama.adapters import objective as adapters
+from sparse_llama.commands import eval as eval_run
+from sparse_llama.commands import prune as prune_run
+from sparse_llama.commands import recipe_plots as plots
+from sparse_llama.commands import train as train_command
 from sparse_llama.data import corpus, pipeline, sources
 from sparse_llama.data.tokenizer import load_tokenizer
-from sparse_llama.eval import run as eval_run
-from sparse_llama.model import loading, soft_prompt
-from sparse_llama.pruning import run as prune_run
-from sparse_llama.recipes import plots
-from sparse_llama.sparsity import mask_io
+from sparse_llama.ground import publish
+from sparse_llama.model import soft_prompt
+from sparse_llama.sparse_io import mask_io
+from sparse_llama.sparse_io.report import format_report, sparsity_report
+from sparse_llama.sparse_io.sparse_export import save_sparse_hf
 from sparse_llama.sparsity import masks as masks_lib
-from sparse_llama.sparsity.report import format_report, sparsity_report
-from sparse_llama.sparsity.sparse_export import save_sparse_hf
-from sparse_llama.train import adapters, config_checks, loop, sparse_start
+from sparse_llama.train import config_checks, sparse_start
 
 RECORD = "stage.json"
 
@@ -56,7 +60,7 @@ def _model_section(config: ml_collections.ConfigDict, hf_path: str) -> ml_collec
 
 def train_config(config: ml_collections.ConfigDict, name: str, hf_path: str
                  ) -> ml_collections.ConfigDict:
-    """The `loop.train` config of train stage `name` starting from `hf_path` ("" = scratch)."""
+    """The `commands.train` config of train stage `name` starting from `hf_path` ("" = scratch)."""
     stage = config[name]
     run = ml_collections.ConfigDict()
     run.model = _model_section(config, hf_path)
@@ -77,17 +81,21 @@ def train_config(config: ml_collections.ConfigDict, name: str, hf_path: str
 
 def prune_config(config: ml_collections.ConfigDict, name: str, hf_path: str,
                  windows_path: str, output_dir: str) -> ml_collections.ConfigDict:
-    """The `pruning.run` config of prune stage `name`."""
-    from configs import prune as prune_configs
-
+    """The `commands.prune` config of prune stage `name` (the stage carries complete
+    `pruning` and `calibration` sections, configs/blocks.py `prune_stage`)."""
     stage = config[name]
-    run = prune_configs.get_config()
+    run = ml_collections.ConfigDict()
     run.model = _model_section(config, hf_path)
     run.mesh = config.mesh
-    run.pruning.update(stage.pruning.to_dict())
-    run.calibration.update(stage.calibration.to_dict())
+    run.pruning = ml_collections.ConfigDict(stage.pruning.to_dict())
+    run.calibration = ml_collections.ConfigDict(stage.calibration.to_dict())
     run.calibration.path = windows_path
+    # The recipe measures every stage itself (`eval` stages, the stage records): no
+    # perplexity inside the prune run.
+    run.eval = ml_collections.ConfigDict({"path": "", "seq_len": config.eval.seq_len,
+                                          "batch_size": config.eval.batch_size})
     run.output_dir = output_dir
+    run.save_dtype = ""  # the loaded dtype
     return run
 
 
@@ -187,20 +195,13 @@ def eval_text(config: ml_collections.ConfigDict, workdir: str) -> str:
             text = "\n\n".join(parts)
             if config.eval.max_chars:
                 text = text[:config.eval.max_chars]
-            _write_atomic(path, text)
+            publish.write_text(path, text)
     kind = sources.infer_kind(path)
     if kind != "text":
         docs = sources.read_documents(kind, path, text_field=config.data.text_field)
         return "\n\n".join(docs[i] for i in range(len(docs)))
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def measure(config: ml_collections.ConfigDict, hf_dir: str, text: str, label: str,
@@ -225,7 +226,7 @@ def measure(config: ml_collections.ConfigDict, hf_dir: str, text: str, label: st
 
 def _train_stage(config, name, hf_path, stage_dir, text):
     run = train_config(config, name, hf_path)
-    summary = loop.train(run, stage_dir)
+    summary = train_command.train(run, stage_dir)
     if summary.get("stopped"):
         return None  # preempted: checkpointed; the rerun resumes inside this stage
     tokens = run.train.steps * run.train.batch_size * run.data.seq_len
@@ -234,7 +235,7 @@ def _train_stage(config, name, hf_path, stage_dir, text):
 
 def soft_prompt_config(config: ml_collections.ConfigDict, name: str, hf_path: str
                        ) -> ml_collections.ConfigDict:
-    """The `loop.train` config of soft-prompt stage `name` for the model in `hf_path`."""
+    """The `commands.train` config of soft-prompt stage `name` for the model in `hf_path`."""
     run = train_config(config, name, hf_path)
     run.train.objective = "soft_prompt"
     run.soft_prompt = config[name].soft_prompt
@@ -243,7 +244,7 @@ def soft_prompt_config(config: ml_collections.ConfigDict, name: str, hf_path: st
 
 def _soft_prompt_stage(config, name, hf_path, stage_dir, text):
     run = soft_prompt_config(config, name, hf_path)
-    summary = loop.train(run, stage_dir)
+    summary = train_command.train(run, stage_dir)
     if summary.get("stopped"):
         return None
     tokens = run.train.steps * run.train.batch_size * run.data.seq_len
@@ -273,9 +274,7 @@ def calibration_windows(config, name: str, hf_path: str, path: str) -> None:
                          f"of {cal.seq_len} tokens for {cal.num_samples} calibration samples; "
                          f"lower config.{name}.calibration.num_samples or seq_len")
     windows = np.stack(rows[:cal.num_samples])
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, windows)
-    os.replace(tmp, path)
+    publish.write_file(path, lambda tmp: np.save(tmp, windows))
 
 
 def _prune_stage(config, name, hf_path, stage_dir, text):
@@ -300,7 +299,7 @@ def _prune_stage(config, name, hf_path, stage_dir, text):
 
 def _eval_stage(config, name, hf_path, stage_dir, text):
     result = measure(config, hf_path, text, name)
-    _write_atomic(os.path.join(stage_dir, "eval.json"),
+    publish.write_text(os.path.join(stage_dir, "eval.json"),
                   json.dumps({"hf_dir": hf_path, "seq_len": config.eval.seq_len, **result}))
     return {"hf_dir": hf_path, "tokens": 0, "measured": result}
 
@@ -337,7 +336,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.time()
             record = {"name": "start", **measure(config, current, text, "start"), "tokens": 0}
             record["seconds"] = round(time.time() - t0, 3)
-            _write_atomic(start, json.dumps(record))
+            publish.write_text(start, json.dumps(record))
         records.append(record)
     for name in config.stages:
         if skipped(config, name):
@@ -360,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             measured = out.pop("measured", None) or measure(config, out["hf_dir"], text, name)
             record = {"name": name, "kind": config[name].kind, **measured, **out,
                       "seconds": round(time.time() - t0, 3)}
-            _write_atomic(record_path, json.dumps(record))
+            publish.write_text(record_path, json.dumps(record))
         records.append(record)
         current = record["hf_dir"]
     plots.write_plots(workdir, records)

@@ -1,4 +1,4 @@
-"""Objectives: what a train step minimises, as a registry of builders.
+"""The Objective contract: what a train step minimises.
 
 An `Objective` is the one thing that varies between dense training, sparse training,
 distillation and sparsity-accelerated training; the step, the loop, checkpoints and export are
@@ -20,30 +20,26 @@ the same for all of them (`train/step.py` composes them):
   transformation it adds with `transform(optimizer)`: it is then checkpointed, sharded and
   restored with the optimizer state, and resuming needs nothing new.
 - An objective may train arrays that are not the model (`trainable`: LoRA adapters, a soft
-  prompt; train/adapters.py): the state's params are then those arrays (small, replicated),
+  prompt; adapters/objective.py): the state's params are then those arrays (small, replicated),
   the model is one of its frozen `inputs`, and `trainable` says how to create, evaluate and
   export them.
 - An objective whose shapes change during training (SAT's ladder of omission rates) names
   static phases (`phase(step)`, `at_phase(name)`); the loop compiles one step per phase, so a
   resumed run lands in the phase of its step.
 
-`finetune.lora_rank > 0` wraps the named objective (lm or distill) so that it trains
-mask-preserving LoRA adapters of the frozen model instead of the model itself.
-
-Builders have the signature `build(config, model, mesh, rules) -> Objective`, registered by name
-in `OBJECTIVES`; the run config picks one with `train.objective`.
+Builders have the signature `build(config, model, mesh, rules) -> Objective`. The registry of
+named builders (`train.objective`) sits above the modules that define them, in
+sparse_llama/objectives.py; this contract sits below all of them.
 """
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import optax
-from jax.sharding import Mesh
 
 from sparse_llama.model.config import LlamaConfig
-from sparse_llama.train.loss import lm_loss
+from sparse_llama.model.loss import lm_loss
 
 # loss(params, batch, rng, inputs, step_args) -> (loss_sum, token_count, {name: (sum, weight)})
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
@@ -106,60 +102,3 @@ def lm_objective(model: LlamaConfig) -> Objective:
         return total, count, {}  # the loss is the only term
 
     return Objective(loss=loss)
-
-
-def language_model(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
-                   rules) -> Objective:
-    """The `lm` builder (it reads no config section)."""
-    del config, mesh, rules
-    return lm_objective(model)
-
-
-def distillation(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
-                 rules) -> Objective:
-    """The `distill` builder: CE + logit KD + SquareHead from the frozen teacher of the
-    `distill` section (sparse_llama/distill/objective.py, docs/distill.md)."""
-    from sparse_llama.distill import objective as distill  # late: it imports this module
-
-    return distill.build(config, model, mesh, rules)
-
-
-def sparsity_accelerated(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
-                         rules) -> Objective:
-    """The `sat` builder: each step trains only the sampled MLP channels and KV groups of the
-    `sat` section, with the ladder back to dense (sparse_llama/sat/objective.py, docs/sat.md)."""
-    from sparse_llama.sat import objective as sat  # late: it imports this module
-
-    return sat.build(config, model, mesh, rules)
-
-
-def soft_prompt(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
-                rules) -> Objective:
-    """The `soft_prompt` builder: N learned embeddings before every input, the model frozen
-    (MediSwift; sparse_llama/train/adapters.py, docs/distill.md)."""
-    from sparse_llama.train import adapters  # late: it imports this module
-
-    return adapters.soft_prompt_objective(config, model, mesh, rules)
-
-
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "lm": language_model,
-    "distill": distillation,
-    "sat": sparsity_accelerated,
-    "soft_prompt": soft_prompt,
-}
-
-
-def build(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
-          rules) -> Objective:
-    """The objective named by `train.objective` (default "lm")."""
-    name = config.train.get("objective", "lm")
-    if name not in OBJECTIVES:
-        raise ValueError(f"train.objective={name!r} is not one of {sorted(OBJECTIVES)}")
-    from sparse_llama.train import adapters  # late: it imports this module
-
-    lora = adapters.lora_settings(config, model, name)  # checked before anything loads
-    objective = OBJECTIVES[name](config, model, mesh, rules)
-    if lora is not None:  # `finetune.lora_rank > 0`: adapters on the frozen model
-        objective = adapters.lora_objective(objective, config, model, mesh, rules, *lora)
-    return objective

@@ -1,14 +1,21 @@
-"""Resolve the `model` config section into a LlamaConfig and params (preset or HF directory)."""
+"""Resolve the `model` config section into a LlamaConfig and params (preset or HF directory).
+
+It sits above the model, the packed kernels and the quantization code: what a section names
+(`model.packed`, `model.quantized`, a compressed-tensors checkpoint) is dispatched here, so
+none of those layers imports another to load a model."""
 
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sparse_llama.model import llama
+from sparse_llama.kernels import serving
+from sparse_llama.model import hf_config, hf_io, llama
 from sparse_llama.model.config import (
     ATTENTION_IMPLEMENTATIONS,
     DTYPES,
@@ -16,6 +23,7 @@ from sparse_llama.model.config import (
     LlamaConfig,
     preset,
 )
+from sparse_llama.quant import compressed_tensors, w8a8
 
 # model.quantized: none (float weights; a quantized checkpoint is dequantized) | auto (W8A8
 # when the checkpoint is compressed-tensors int8) | w8a8 (always; docs/quantization.md)
@@ -56,8 +64,6 @@ def check_model_section(model_cfg: ml_collections.ConfigDict) -> None:
     else:
         preset(model_cfg.preset)  # raises with the list of presets
     if model_cfg.get("packed"):
-        from sparse_llama.kernels import serving
-
         serving.check_packed_option(model_cfg.packed)
     quantized = model_cfg.get("quantized", "none")
     if quantized not in QUANTIZED:
@@ -93,8 +99,6 @@ def model_config(model_cfg: ml_collections.ConfigDict, *, vocab_size: int | None
     """The LlamaConfig the section describes, without loading any weights."""
     check_model_section(model_cfg)
     if model_cfg.hf_path:
-        from sparse_llama.model import hf_config
-
         config_path = os.path.join(model_cfg.hf_path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{model_cfg.hf_path} has no config.json; model.hf_path "
@@ -110,7 +114,8 @@ def model_config(model_cfg: ml_collections.ConfigDict, *, vocab_size: int | None
 
 def load_model(model_cfg: ml_collections.ConfigDict, *, key: jax.Array | None = None,
                vocab_size: int | None = None) -> ModelBundle:
-    """Params from `model.hf_path`, or freshly initialised from `model.preset` with `key`.
+    """Params from `model.hf_path`, or freshly initialised from `model.preset` with `key`,
+    then rewritten by the section's weight transforms (`WEIGHT_TRANSFORMS`, in order).
 
     `vocab_size` resizes a preset's vocabulary (training from scratch with a new tokenizer).
     """
@@ -118,43 +123,51 @@ def load_model(model_cfg: ml_collections.ConfigDict, *, key: jax.Array | None = 
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     if model_cfg.hf_path:
         params, scales = _load_weights(model_cfg.hf_path, param_dtype)
-        params = _quantized(params, scales, model_cfg)
         has_tok = os.path.exists(os.path.join(model_cfg.hf_path, "tokenizer.json"))
-        return ModelBundle(config, _packed(params, model_cfg),
-                           model_cfg.hf_path if has_tok else None)
-    key = jax.random.key(0) if key is None else key
-    return ModelBundle(config, _packed(llama.init_params(key, config, param_dtype), model_cfg),
-                       None)
+        tokenizer_dir = model_cfg.hf_path if has_tok else None
+    else:
+        key = jax.random.key(0) if key is None else key
+        params, scales, tokenizer_dir = llama.init_params(key, config, param_dtype), None, None
+    for transform in WEIGHT_TRANSFORMS:
+        if model_cfg.hf_path or not transform.checkpoint_only:
+            params = transform.apply(params, scales, model_cfg.get(transform.key))
+    return ModelBundle(config, params, tokenizer_dir)
 
 
 def _load_weights(path: str, param_dtype) -> tuple[dict, dict | None]:
     """(params, int8 scales or None): a compressed-tensors checkpoint comes back dequantized."""
-    from sparse_llama.quant import compressed_tensors
-
     if compressed_tensors.is_compressed_tensors(path):
         _, params, scales = compressed_tensors.load_compressed(path, param_dtype=param_dtype)
         return jax.tree.map(jnp.asarray, params), scales
-    from sparse_llama.model import hf_io
-
     return hf_io.load_hf(path, param_dtype=param_dtype)[1], None
 
 
-def _quantized(params: dict, scales: dict | None, model_cfg: ml_collections.ConfigDict) -> dict:
+def _quantized(params: dict, scales: dict | None, mode: str | None) -> dict:
     """`model.quantized` (eval, generate): w8a8 gives the W8A8 weights, on the checkpoint's
     own scales when it has them (round-to-nearest otherwise); auto does so only for a
     quantized checkpoint; none (the default) keeps float weights."""
-    mode = model_cfg.get("quantized", "none")
+    mode = mode or "none"
     if mode == "none" or (mode == "auto" and scales is None):
         return params
-    from sparse_llama.quant import w8a8
-
     return w8a8.quantize_params(params, scales)
 
 
-def _packed(params: dict, model_cfg: ml_collections.ConfigDict) -> dict:
+def _packed(params: dict, scales: dict | None, packed: str | None) -> dict:
     """`model.packed` (serving): the prunable weights packed for the sparse kernels."""
-    if not model_cfg.get("packed"):
-        return params
-    from sparse_llama.kernels import serving
+    del scales  # packing takes float weights (check_model_section refuses W8A8 + packed)
+    return serving.pack_params(params, packed) if packed else params
 
-    return serving.pack_params(params, model_cfg.packed)
+
+class WeightTransform(NamedTuple):
+    """A `model.<key>` option that turns loaded float weights into structured leaves (the
+    int8 weights of quant/w8a8.py, the packed weights of kernels/): the one seat for both."""
+
+    key: str
+    apply: Callable[[dict, dict | None, object], dict]  # (params, checkpoint scales, value)
+    checkpoint_only: bool = False  # a preset's random init is not transformed
+
+
+WEIGHT_TRANSFORMS = (
+    WeightTransform("quantized", _quantized, checkpoint_only=True),
+    WeightTransform("packed", _packed),
+)

@@ -13,8 +13,9 @@ import time
 
 import ml_collections
 
+from sparse_llama import loading
 from sparse_llama.data.tokenizer import check_vocab, load_tokenizer
-from sparse_llama.model import generate, hf_config, loading, soft_prompt
+from sparse_llama.model import generate, hf_config, soft_prompt
 
 
 def check_generate_config(config: ml_collections.ConfigDict) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sparse_llama.ground.tree_paths import get_path, path_name, set_path
 from sparse_llama.model import hf_io, sharding
 from sparse_llama.model.safetensors_stream import ShardedWriter, TensorSpec
-from sparse_llama.sparsity.masks import check_masks, path_name
+from sparse_llama.sparsity.masks import check_masks
 
 FORMAT = "sparse_llama.masks/1"
 PREFIX = "masks"
@@ -95,7 +96,7 @@ def save_masks(masks, directory: str | os.PathLike) -> str:
     leaves = mask_leaves(masks)
     writer = MaskWriter(directory, leaves) if jax.process_index() == 0 else None
     for _, path, layer, _ in _entries(leaves):
-        m = sharding.host_array(hf_io.get_path(masks, tuple(path.split("/"))), layer)
+        m = sharding.host_array(get_path(masks, tuple(path.split("/"))), layer)
         if writer is not None:
             writer.add(path, layer, m)
     if writer is not None:
@@ -143,7 +144,7 @@ def _unpack_tree(leaves: dict, packed: dict) -> dict:
             host[path][layer] = m
     tree: dict = {}
     for path, m in host.items():
-        hf_io.set_path(tree, tuple(path.split("/")), m)
+        set_path(tree, tuple(path.split("/")), m)
     return tree
 
 

@@ -15,6 +15,7 @@ In both, the frozen model (and its masks) is an *input* of the jitted step, shar
 params' logical rules; the trained arrays are the state's params, replicated (they are small).
 """
 
+import dataclasses
 import os
 
 import jax
@@ -24,39 +25,35 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from sparse_llama.model import llama, loading, lora, sharding
+from sparse_llama import loading
+from sparse_llama.ground import publish
+from sparse_llama.ground.sections import spec_from_section
+from sparse_llama.model import llama, lora, sharding
 from sparse_llama.model import soft_prompt as prompts
 from sparse_llama.model.config import LlamaConfig
+from sparse_llama.model.loss import lm_loss
 from sparse_llama.train import export, sparse_start
-from sparse_llama.train.loss import lm_loss
-from sparse_llama.train.objectives import Objective, Trainable
+from sparse_llama.train.objective import Objective, Trainable
+from sparse_llama.train.run_setup import resolve_tokenizer
 
 ADAPTERS_FILE = "adapters.safetensors"
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
-LORA_DEFAULTS = {"lora_rank": 0, "lora_alpha": 0.0}
-SOFT_PROMPT_DEFAULTS = {"num_tokens": 20, "init_text": ""}
-# Objectives LoRA can wrap: SAT changes the trained units every step, a soft prompt has its
-# own trained array.
-LORA_OBJECTIVES = ("lm", "distill")
 
 
-def finetune_section(**changes) -> ml_collections.ConfigDict:
-    """The `finetune` config section (LoRA) with its defaults."""
-    return ml_collections.ConfigDict({**LORA_DEFAULTS, **changes})
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """`finetune` (defaults: configs/blocks.py `finetune()`)."""
+
+    lora_rank: int
+    lora_alpha: float
 
 
-def soft_prompt_section(**changes) -> ml_collections.ConfigDict:
-    """The `soft_prompt` config section with its defaults."""
-    return ml_collections.ConfigDict({**SOFT_PROMPT_DEFAULTS, **changes})
+@dataclasses.dataclass(frozen=True)
+class SoftPromptSection:
+    """`soft_prompt` (defaults: configs/blocks.py `soft_prompt()`)."""
 
-
-def _section(config: ml_collections.ConfigDict, name: str, defaults: dict) -> dict:
-    given = config.get(name)
-    given = {} if given is None else given.to_dict()
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(f"{name}: unknown keys {sorted(unknown)}; allowed: {sorted(defaults)}")
-    return {**defaults, **given}
+    num_tokens: int
+    init_text: str
 
 
 def _require_model(config: ml_collections.ConfigDict, what: str) -> None:
@@ -65,21 +62,22 @@ def _require_model(config: ml_collections.ConfigDict, what: str) -> None:
                          "Hugging Face Llama directory, e.g. a launch.prune output)")
 
 
-def lora_settings(config: ml_collections.ConfigDict, model: LlamaConfig,
-                  objective_name: str) -> tuple[int, float] | None:
+def lora_settings(config: ml_collections.ConfigDict, model: LlamaConfig
+                  ) -> tuple[int, float] | None:
     """(rank, alpha) when the run trains LoRA adapters, else None; ValueError for bad keys,
-    before any weight is loaded."""
-    f = _section(config, "finetune", LORA_DEFAULTS)
-    rank, alpha = f["lora_rank"], f["lora_alpha"]
+    before any weight is loaded. (Which objectives LoRA may wrap is a property of their
+    registration, sparse_llama/objectives.py: SAT changes the trained units every step, a soft
+    prompt has its own trained array.)"""
+    if config.get("finetune") is None:
+        return None  # a run without the section trains no adapters
+    f = spec_from_section(LoraSection, config.finetune, "finetune")
+    rank, alpha = f.lora_rank, f.lora_alpha
     if rank == 0:
         return None
-    if objective_name not in LORA_OBJECTIVES:
-        raise ValueError(f"finetune.lora_rank={rank} with train.objective={objective_name!r}: "
-                         f"LoRA wraps only {LORA_OBJECTIVES}; set finetune.lora_rank=0")
     _require_model(config, "finetune.lora_rank")
     shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), model))
     lora.check_rank(shapes, rank)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha < 0:
+    if alpha < 0:
         raise ValueError(f"finetune.lora_alpha must be a number >= 0 (0 = the rank), got "
                          f"{alpha!r}")
     return rank, float(alpha or rank)
@@ -134,10 +132,9 @@ def lora_objective(inner: Objective, config: ml_collections.ConfigDict, model: L
                                            tokenizer_dir=tokenizer_dir)
         out = {"hf_dir": hf_dir, "sparsity_report": report}
         if jax.process_index() == 0:
-            path = os.path.join(workdir, ADAPTERS_FILE)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            lora.save_adapters(host_adapters, tmp, rank=rank, alpha=alpha)
-            os.replace(tmp, path)
+            path = publish.write_file(os.path.join(workdir, ADAPTERS_FILE), lambda tmp:
+                                      lora.save_adapters(host_adapters, tmp, rank=rank,
+                                                         alpha=alpha))
             out["adapters"] = os.path.abspath(path)
         return out
 
@@ -151,15 +148,14 @@ def lora_objective(inner: Objective, config: ml_collections.ConfigDict, model: L
 
 
 def check_soft_prompt_config(config: ml_collections.ConfigDict,
-                             model: LlamaConfig | None = None) -> dict:
+                             model: LlamaConfig | None = None) -> SoftPromptSection:
     """The validated `soft_prompt` section (ValueError naming the key and the fix); with the
     `model` it prompts, also that the prompt and a window fit its positions."""
-    s = _section(config, "soft_prompt", SOFT_PROMPT_DEFAULTS)
-    n = s["num_tokens"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    s = spec_from_section(SoftPromptSection, config.get("soft_prompt"), "soft_prompt",
+                          home="blocks.soft_prompt()")
+    n = s.num_tokens
+    if n < 1:  # (the spec checked the types)
         raise ValueError(f"soft_prompt.num_tokens must be a positive integer, got {n!r}")
-    if not isinstance(s["init_text"], str):
-        raise ValueError("soft_prompt.init_text must be a string ('' = random vocabulary rows)")
     if model is not None and n + config.data.seq_len > model.max_position_embeddings:
         raise ValueError(f"soft_prompt.num_tokens={n} + data.seq_len={config.data.seq_len} "
                          f"exceeds the model's max_position_embeddings "
@@ -171,14 +167,12 @@ def soft_prompt_objective(config: ml_collections.ConfigDict, model: LlamaConfig,
                           rules) -> Objective:
     """`train.objective="soft_prompt"`: the prompt is the only trained array; inputs are the
     frozen model's params."""
-    from sparse_llama.train.loop import resolve_tokenizer  # late: the loop imports objectives
-
     _require_model(config, "a soft prompt")
     s = check_soft_prompt_config(config, model)
     base, base_sh, _, _ = _frozen(config, mesh, rules, with_masks=False)
-    n = s["num_tokens"]
-    if s["init_text"]:
-        ids = resolve_tokenizer(config)[0].encode(s["init_text"])
+    n = s.num_tokens
+    if s.init_text:
+        ids = resolve_tokenizer(config)[0].encode(s.init_text)
         first = prompts.init_from_text(base, ids, n)
     else:
         key = jax.random.fold_in(jax.random.key(config.train.seed), 11)
@@ -195,10 +189,8 @@ def soft_prompt_objective(config: ml_collections.ConfigDict, model: LlamaConfig,
         del inputs, tokenizer_dir
         if jax.process_index() != 0:
             return {}
-        path = os.path.join(workdir, SOFT_PROMPT_FILE)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        prompts.save(host[prompts.TENSOR], tmp)
-        os.replace(tmp, path)
+        path = publish.write_file(os.path.join(workdir, SOFT_PROMPT_FILE),
+                                  lambda tmp: prompts.save(host[prompts.TENSOR], tmp))
         return {"soft_prompt": os.path.abspath(path)}
 
     return Objective(loss=full_loss, inputs=base, input_shardings=base_sh,

@@ -3,8 +3,9 @@
 import jax
 import numpy as np
 
+from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import sharding
-from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target, path_name
+from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
 
 
 def tensor_counts(module: str, layer: int | None, w) -> dict:
