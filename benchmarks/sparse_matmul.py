@@ -5,7 +5,7 @@
 
 Rows: (in, out) = 4096x4096 (q/k/v/o_proj), 11008x4096 (down_proj), 4096x11008 (gate/up_proj)
 x sparsity 50% and 70% (bitmask, uniform random mask) and 2:4 (2:4 format) x batch 1 and 16.
-`byte_limit` is the memory-bound ceiling of the format (REFERENCES.md section 9: dense bf16
+`byte_limit` is the memory-bound ceiling of the format (docs/algorithms.md, "Decode limits": dense bf16
 bytes over (1 - s) * 2 + 1/8 for bitmask, 1 + 1/8 for 2:4); `packed_ratio` is dense bytes over
 the bytes our pack really reads (tile padding included). The kernel is picked by backend
 (gpu / tpu Pallas kernels); on CPU the pure-jnp reference runs, and the output says so: CPU

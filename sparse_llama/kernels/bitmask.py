@@ -16,8 +16,9 @@ with a running count along the rows (the rank of a kept entry is the number of k
 above it in its tile column). The padding to `cap` costs bytes; `nbytes` reports the real
 size (docs/kernels.md compares it with the ideal (1 - s) * 2 + 1/8 bytes per weight).
 
-The compressed-tensors `sparse-bitmask` layout (REFERENCES.md section 8: Hugging Face (out, in)
-orientation, nonzeros row-major, bits packed little-endian per row) is an import/export view:
+The compressed-tensors `sparse-bitmask` layout (docs/algorithms.md, "Compressed-tensors
+layouts": Hugging Face (out, in) orientation, nonzeros row-major, bits packed little-endian per
+row) is an import/export view:
 `to_compressed_tensors` / `from_compressed_tensors`.
 
 `FORMAT` (the end of this module) is the format's record for the registry (ops.py): these

@@ -1,4 +1,5 @@
-"""The compressed-tensors W8A8 `int-quantized` layout (REFERENCES.md section 8), out and in.
+"""The compressed-tensors W8A8 `int-quantized` layout, out and in (docs/algorithms.md,
+"Compressed-tensors layouts").
 
     config.json              + quantization_config (QUANTIZATION_CONFIG: int8 weights per
                                output channel, symmetric; int8 activations per token, dynamic;

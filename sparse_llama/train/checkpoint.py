@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.train.state import TrainState
@@ -49,7 +51,38 @@ class DamagedCheckpointError(ValueError):
     def __init__(self, step: int, where: str, cause: BaseException):
         self.step = step
         super().__init__(f"checkpoint step {step} in {where} is damaged: "
-                         f"{type(cause).__name__}: {str(cause).strip()[:300]}")
+                         f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}")  # one line
+
+
+def _is_aborted_read_callback(unraisable) -> bool:
+    """An aborted asynchronous restore's late callback: tensorstore finishing a read after the
+    asyncio loop orbax ran it on was closed by the failure (`call_soon_threadsafe` on a closed
+    loop). Nothing is lost; the restore already failed and was reported."""
+    if unraisable.exc_type is not RuntimeError or "Event loop is closed" not in str(
+            unraisable.exc_value):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _silence_aborted_reads() -> None:
+    """Drop the aborted reads' "Event loop is closed" reports (one per array still in flight:
+    dozens of tracebacks that look like a crash) for the rest of the process; every other
+    unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_aborted_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_aborted_read_callback(unraisable):
+            previous(unraisable)
+
+    hook._drops_aborted_reads = True
+    sys.unraisablehook = hook
 
 
 class DataStateMismatchError(ValueError):
@@ -359,13 +392,15 @@ class Checkpoints:
             try:
                 restored = restore(step)
             except DamagedCheckpointError as err:
-                logging.warning("%s; falling back to the previous checkpoint", err)
+                _silence_aborted_reads()
                 damaged.append(err)
                 continue
             if damaged:
-                self._set_aside([err.step for err in damaged])
-                logging.warning("resumed from checkpoint step %d instead of damaged step(s) %s",
-                                step, [err.step for err in damaged])
+                moved = self._set_aside([err.step for err in damaged])
+                # One line for the whole fallback: what was damaged, why, where it went.
+                logging.warning("%s; using checkpoint step %d instead%s",
+                                "; ".join(str(err) for err in damaged), step,
+                                f" (the damaged step moved to {moved})" if moved else "")
             return restored
         if damaged:
             raise ValueError(f"every checkpoint in {self.directory} is damaged ("
@@ -373,22 +408,21 @@ class Checkpoints:
                              + "); move them away to start the run afresh")
         return None
 
-    def _set_aside(self, steps: list[int]) -> None:
-        """Move damaged step directories out of the manager's sight (process 0 renames)."""
+    def _set_aside(self, steps: list[int]) -> str | None:
+        """Move damaged step directories out of the manager's sight (process 0 renames);
+        where they went (None when read-only: nothing is moved)."""
         if self._read_only:
-            return
+            return None
         aside = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)
             for step in steps:
                 target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.rename(os.path.join(self.directory, str(step)), target)
-                logging.warning("moved damaged checkpoint step %d to %s", step, target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("sparse_llama_set_aside_damaged")
         self._manager.reload()
+        return aside
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are committed."""
