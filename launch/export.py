@@ -5,7 +5,7 @@
 No --config: the checkpoint carries the model, optimizer and mesh settings it was saved with.
 """
 
-from absl import app, flags
+from absl import flags
 
 from sparse_llama.commands import export, launching
 
@@ -14,9 +14,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write the export (defa
 
 
 def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-
     def run() -> dict:
         if not _WORKDIR.value:
             raise ValueError("--workdir is required")
@@ -26,4 +23,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    app.run(_main)
+    launching.run_app(_main)

@@ -33,9 +33,11 @@ def test_llama2_7b_sparse_stage_plan_matches_a_hand_count_and_fits_80gb_with_ful
                  jax.tree_util.tree_flatten_with_path(shapes)[0] if is_target(path_name(path)))
     d = p["per_device"]
     assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and p["sparse"]
-    # f32 params and gradients, Adam mu + nu, bool masks of the target matrices: each 1/8.
+    # f32 params and gradients (and their f32 sum over the 64 micro-batches), Adam mu + nu,
+    # bool masks of the target matrices: each 1/8.
     assert d["params_bytes"] == pytest.approx(4 * n / 8, rel=1e-3)
-    assert d["gradients_bytes"] == d["params_bytes"]
+    assert d["gradients_bytes"] == pytest.approx(4 * n / 8, rel=1e-3)
+    assert d["grad_accumulator_bytes"] == pytest.approx(4 * n / 8, rel=1e-3)
     assert d["optimizer_bytes"] == pytest.approx(8 * n / 8, rel=1e-3)
     assert d["masks_bytes"] == pytest.approx(masked / 8, rel=1e-3)
     state = d["params_bytes"] + d["optimizer_bytes"] + d["masks_bytes"]
@@ -92,3 +94,43 @@ def test_bad_plans_are_refused_before_compiling():
     config.train.objective = "soft_prompt"
     with pytest.raises(ValueError, match="is not planned yet"):
         plan.plan(config, jax.devices())
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_device_count_below_one_is_refused(value):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.plan", "--config=configs/dense.py:tiny",
+         f"--num_devices={value}"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "num_devices" in lines[0], (
+        proc.stderr[-2000:])
+    assert proc.stdout.strip() == ""  # nothing was planned
+
+
+def test_state_and_gradient_bytes_are_the_hand_counted_shards_in_the_params_dtype():
+    """bf16 params on fsdp 8: every matrix is split 8 ways along its embed axis, norms are
+    whole; gradients are params-shaped in the params' dtype; with accumulation the step also
+    carries a float32 sum of them (train/step.py)."""
+    config = dense.get_config("tiny")
+    config.model.param_dtype = "bfloat16"
+    config.mesh.update(data=1, fsdp=8)
+    config.data.seq_len = 32
+    config.train.update(batch_size=16, grad_accum=2, steps=1)
+    config.optimizer.warmup_steps = 0
+    m = preset("tiny")
+    d, f, v, q, k, layers = (m.hidden_size, m.intermediate_size, m.vocab_size, m.q_width,
+                             m.kv_width, m.num_layers)
+    matrices = v * d + layers * (2 * d * q + 2 * d * k + 3 * d * f) + (
+        0 if m.tie_word_embeddings else d * v)
+    norms = 2 * layers * d + d
+    shard_elements = matrices // 8 + norms
+    p = plan.plan_step(config, jax.devices())
+    assert p["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    per = p["per_device"]
+    assert per["params_bytes"] == 2 * shard_elements
+    assert per["gradients_bytes"] == 2 * shard_elements  # bf16, not float32
+    assert per["grad_accumulator_bytes"] == 4 * shard_elements
+    assert per["optimizer_bytes"] >= 2 * 2 * shard_elements  # Adam's mu and nu (+ counts)

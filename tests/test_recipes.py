@@ -216,3 +216,126 @@ def test_mediswift_recipe_ends_with_a_soft_prompt_for_the_fine_tuned_model(tmp_p
         records["dense_finetune"]["perplexity"], rel=1e-4)
     record = json.loads((tmp_path / "ms" / "prompt" / "stage.json").read_text())
     assert Path(record["soft_prompt"]).is_file()
+
+
+class StageStarted(Exception):
+    """Raised by the stubbed stages and measurement: the recipe got past its checks."""
+
+
+@pytest.fixture
+def no_stages(monkeypatch):
+    """recipe.run with every stage (and the start's measurement) replaced by a stub that
+    raises StageStarted: a refusal must come before it; a valid recipe reaches it."""
+    from sparse_llama.commands import recipe
+
+    def started(*args, **kwargs):
+        raise StageStarted
+
+    for kind in recipe.STAGE_KINDS:
+        monkeypatch.setitem(recipe.STAGE_KINDS, kind, started)
+    monkeypatch.setattr(recipe, "measure", started)
+    return recipe
+
+
+def tiny_recipe(**changes):
+    """configs/sparse70.py:tiny with `changes` ("section.key": value)."""
+    from configs import sparse70
+
+    config = sparse70.get_config("tiny")
+    for key, value in changes.items():
+        *sections, leaf = key.split(".")
+        node = config
+        for s in sections:
+            node = node[s]
+        node[leaf] = value
+    return config
+
+
+def without(src, tmp_path, *names) -> str:
+    """A copy of checkpoint directory `src` without the entries `names`."""
+    dst = tmp_path / f"copy-{Path(src).name}-{'-'.join(names)}"
+    shutil.copytree(src, dst, ignore=lambda d, entries: [e for e in entries if e in names])
+    return str(dst)
+
+
+def test_a_sparse_stage_on_a_dense_start_is_refused_with_the_measured_sparsity(
+        no_stages, finetune_dirs, tmp_path):
+    dense_dir, sparse_dir, _, _ = finetune_dirs
+    workdir = tmp_path / "run"
+    # The dense start is refused, naming the path, its measured sparsity and the fix.
+    config = tiny_recipe(**{"model.hf_path": dense_dir})
+    config.stages = ("dense", "sparse50", "eval_final")  # dense is skipped: sparse50 is first
+    with pytest.raises(ValueError, match=re.escape(dense_dir) + r".*0\.000.*prune stage"):
+        no_stages.run(config, str(workdir))
+    assert not workdir.exists()
+    # A pruned start passes: from its masks file, and from its exact zeros without one.
+    for start in (sparse_dir, without(sparse_dir, tmp_path, "masks", "sparsity_report.json")):
+        config.model.hf_path = start
+        with pytest.raises(StageStarted):
+            no_stages.run(config, str(tmp_path / "ok"))
+
+
+def test_the_start_sparsity_is_read_from_masks_or_zeros_without_loading(finetune_dirs, tmp_path,
+                                                                         monkeypatch):
+    from sparse_llama.commands import recipe
+    from sparse_llama.train.sparse_start import target_sparsity
+
+    dense_dir, sparse_dir, _, _ = finetune_dirs
+    counted = {d: target_sparsity(hf_io.load_hf(d)[1]) for d in (dense_dir, sparse_dir)}
+    assert counted[dense_dir] == 0.0 and counted[sparse_dir] == pytest.approx(0.7, abs=2e-3)
+    monkeypatch.setattr(recipe.loading, "load_model", None)  # nothing is loaded whole
+    zeros_only = without(sparse_dir, tmp_path, "masks", "sparsity_report.json")
+    for hf_dir, want, source in ((dense_dir, counted[dense_dir], "exact zeros"),
+                                 (sparse_dir, counted[sparse_dir], "masks"),
+                                 (zeros_only, counted[sparse_dir], "exact zeros")):
+        sparsity, read_from = recipe.checkpoint_sparsity(hf_dir)
+        assert sparsity == pytest.approx(want, abs=1e-12), hf_dir
+        assert source in read_from, read_from
+
+
+def test_every_stage_is_checked_before_the_first_runs(no_stages, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    cases = [
+        ({"export.dtype": "float8"}, r"config\.export\.dtype"),
+        ({"eval.seq_len": 4096}, r"eval\.seq_len=4096 exceeds the model's context of 512"),
+        ({"data.seq_len": 1024}, r"data\.seq_len=1024 exceeds the model's context of 512"),
+        ({"prune70.calibration.seq_len": 1024},
+         r"calibration\.seq_len=1024 exceeds the model's context of 512"),
+        ({"data.eval_path": str(short)}, r"fewer than one window of eval\.seq_len=128"),
+    ]
+    for changes, message in cases:
+        workdir = tmp_path / "run"
+        with pytest.raises(ValueError, match=message):
+            no_stages.run(tiny_recipe(**changes), str(workdir))
+        assert not workdir.exists(), changes
+
+
+def test_prune_stages_are_checked_against_their_own_stage_directory(no_stages, tmp_path,
+                                                                   monkeypatch):
+    # A non-empty ./planned in the working directory is nobody's business.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "planned").mkdir()
+    (tmp_path / "planned" / "notes.txt").write_text("mine")
+    with pytest.raises(StageStarted):
+        no_stages.run(tiny_recipe(), str(tmp_path / "run"))
+    # A stage's own output directory holding something else is refused before any stage.
+    workdir = tmp_path / "taken"
+    (workdir / "prune70" / "hf").mkdir(parents=True)
+    (workdir / "prune70" / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match=re.escape(str(workdir / "prune70" / "hf"))):
+        no_stages.run(tiny_recipe(), str(workdir))
+
+
+def test_a_prune_stage_counts_its_start_without_loading_the_model(finetune_dirs, tmp_path,
+                                                                  monkeypatch):
+    from sparse_llama.commands import recipe
+
+    _, sparse_dir, _, _ = finetune_dirs  # 70% sparse
+    monkeypatch.setattr(recipe.loading, "load_model", None)  # nothing is loaded whole
+    config = tiny_recipe()
+    for start in (sparse_dir, without(sparse_dir, tmp_path, "masks", "sparsity_report.json")):
+        stage_dir = tmp_path / "prune50"
+        stage_dir.mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=r"already 0\.700 sparse, more than the 0\.5 asked"):
+            recipe._prune_stage(config, "prune50", start, str(stage_dir), None)

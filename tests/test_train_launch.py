@@ -214,3 +214,27 @@ def test_the_tiny_config_learns_the_embedded_corpus(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["eval_perplexity"] < 30, summary  # measured 20.6; unigram: 202
+
+
+@pytest.mark.parametrize("args, names", [
+    (["launch.train", "--config=configs/sparse70.py:bogus"],
+     ["unknown variant 'bogus'", "['full', 'tiny']"]),
+    (["launch.train", "--config.train.stepz=3"], ["config.train", "'stepz'", "'steps'"]),
+    (["launch.plan", "--config=configs/sparse70.py:tiny", "--config.sparse50.trian.steps=1"],
+     ["config.sparse50", "'trian'", "'train'"]),
+    (["launch.prune", "--config.pruning.sparsty=0.5"], ["'sparsty'", "'sparsity'"]),
+    (["launch.export", "--workdr=runs/x"], ["workdr", "workdir"]),
+    (["launch.eval", "stray"], ["unexpected arguments ['stray']"]),
+], ids=["variant", "key", "nested_key", "prune_key", "export_flag", "positional"])
+def test_flag_mistakes_are_one_line_errors(args, names):
+    """absl parses flags (and runs the config file) before the command starts: a mistake there
+    is one `error:` line, exit status 2, as for any other input mistake."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=launch_env(1),
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for name in names:
+        assert name in lines[0], lines[0]
+    assert proc.stdout.strip() == ""

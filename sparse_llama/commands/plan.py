@@ -5,7 +5,8 @@ AOT-lower and compile the real train step (the run's optimizer with its masks, i
 its batch and micro-batching, its shardings) on abstract arguments, so nothing is allocated,
 and read the compiler's own memory analysis:
 
-    params, optimizer state (moments; masks apart), gradients   per-device shard bytes
+    params, optimizer state (moments; masks apart), gradients (the params' dtype) and, with
+    gradient accumulation, their float32 running sum      per-device shard bytes
     temp       the step's temporaries (activations kept for the backward, gathered weights)
     peak       XLA's peak estimate of the program (arguments + outputs + temps - aliases)
     collectives  all-gather / reduce-scatter / all-reduce / ... ops in the compiled program
@@ -91,8 +92,12 @@ def plan_step(config: ml_collections.ConfigDict, devices: Sequence) -> dict:
     masks = keep_sparse.find_masks(abstract.opt_state)
     params_b = _shard_bytes(abstract.params)
     masks_b = _shard_bytes(masks) if masks is not None else 0
-    grads_b = sum(int(np.prod(p.sharding.shard_shape(p.shape), dtype=np.int64)) * 4
-                  for p in jax.tree.leaves(abstract.params))  # summed in float32
+    # train/step.py: the gradients have the params' dtype; with accumulation the micro-batch
+    # gradients are also summed into a float32 copy, cast back once.
+    grads_b = params_b
+    accum_b = _shard_bytes(jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding),
+        abstract.params)) if t.grad_accum > 1 else 0
     worst, seconds = None, 0.0
     # Phases (SAT's rungs) compile different programs: plan the first and the last update
     # (SAT's highest omission rate and its dense end); the larger one is the plan.
@@ -122,6 +127,7 @@ def plan_step(config: ml_collections.ConfigDict, devices: Sequence) -> dict:
             "optimizer_bytes": _shard_bytes(abstract.opt_state) - masks_b,
             "masks_bytes": masks_b,
             "gradients_bytes": grads_b,
+            "grad_accumulator_bytes": accum_b,
             "argument_bytes": int(stats.argument_size_in_bytes),
             "temp_bytes": int(stats.temp_size_in_bytes),
             "output_bytes": int(stats.output_size_in_bytes),
