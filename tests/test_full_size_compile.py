@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec
 
 from configs import sparse70
 from sparse_llama import loading, objectives
-from sparse_llama.commands import recipe as stages
+from sparse_llama.commands import recipe_configs as stages
 from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import sharding
 from sparse_llama.model.config import param_count

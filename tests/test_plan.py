@@ -12,7 +12,7 @@ import pytest
 
 from configs import dense, sparse70
 from sparse_llama.commands import plan
-from sparse_llama.commands import recipe as stages
+from sparse_llama.commands import recipe_configs as stages
 from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama
 from sparse_llama.model.config import param_count, preset

@@ -288,7 +288,7 @@ def test_the_start_sparsity_is_read_from_masks_or_zeros_without_loading(finetune
     for hf_dir, want, source in ((dense_dir, counted[dense_dir], "exact zeros"),
                                  (sparse_dir, counted[sparse_dir], "masks"),
                                  (zeros_only, counted[sparse_dir], "exact zeros")):
-        sparsity, read_from = recipe.checkpoint_sparsity(hf_dir)
+        sparsity, read_from = recipe_checks.checkpoint_sparsity(hf_dir)
         assert sparsity == pytest.approx(want, abs=1e-12), hf_dir
         assert source in read_from, read_from
 

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from sparse_llama import objectives
-from sparse_llama.commands import recipe as stages
+from sparse_llama.commands import recipe_configs as stages
 from sparse_llama.model import sharding
 from sparse_llama.model.config import param_count
 from sparse_llama.model.loss import BATCH_KEYS
