@@ -277,7 +277,7 @@ def test_a_sparse_stage_on_a_dense_start_is_refused_with_the_measured_sparsity(
 
 def test_the_start_sparsity_is_read_from_masks_or_zeros_without_loading(finetune_dirs, tmp_path,
                                                                          monkeypatch):
-    from sparse_llama.commands import recipe
+    from sparse_llama.commands import recipe, recipe_checks
     from sparse_llama.train.sparse_start import target_sparsity
 
     dense_dir, sparse_dir, _, _ = finetune_dirs
