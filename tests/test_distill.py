@@ -140,6 +140,54 @@ def test_loss_terms_match_their_parts(models):
                                rtol=1e-4)
 
 
+def _overflowing(teacher):
+    """The teacher with an overflowed (infinite) lm_head: its logits are not finite, so its
+    KD is not either (its hidden states, which SquareHead reads, are unchanged)."""
+    return dict(teacher, lm_head=teacher["lm_head"] * jnp.inf)
+
+
+def _counting_forward(monkeypatch) -> list:
+    """Patch llama.forward to record every call (a trace counts once per forward)."""
+    calls, real = [], llama.forward
+
+    def forward(params, tokens, config, **kwargs):
+        calls.append(config)
+        return real(params, tokens, config, **kwargs)
+    monkeypatch.setattr(llama, "forward", forward)
+    return calls
+
+
+def test_a_zero_kd_weight_keeps_kd_out_of_the_loss_and_a_useless_teacher_unrun(models,
+                                                                                monkeypatch):
+    student, teacher = models
+    bad, batch = _overflowing(teacher), make_batch()
+    total, _, terms = jax.jit(loss_fn(layer_weight=0.0))(student, batch, None, bad, {})
+    # The setup, and catches a KD that hides a broken teacher as 0 (a NaN teacher probability
+    # taken for an exact 0).
+    assert not np.isfinite(float(terms["kd"][0])) and not np.isfinite(float(total))
+    # Catches: 0 * KD in the loss (0 * inf = NaN): with kd_weight=0 a non-finite KD (or its
+    # gradient) must not reach the loss, the reported terms or the student's gradients.
+    loss = loss_fn(ce_weight=0.5, kd_weight=0.0, layer_weight=2.0)
+    total, n, terms = jax.jit(loss)(student, batch, None, bad, {})
+    assert set(terms) == {"ce", "squarehead"}
+    np.testing.assert_allclose(float(total), 0.5 * float(terms["ce"][0])
+                               + 2.0 * float(terms["squarehead"][0]), rtol=1e-6)
+    grads = jax.jit(jax.grad(lambda p: loss(p, batch, None, bad, {})[0]))(student)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    # Catches: the teacher's forward traced (and run) when no term reads it.
+    calls = _counting_forward(monkeypatch)
+    jax.make_jaxpr(loss_fn(kd_weight=0.0, layer_weight=2.0))(student, batch, None, teacher, {})
+    assert len(calls) == 2  # the student and the teacher (SquareHead reads its hidden states)
+    calls.clear()
+    ce_only = loss_fn(kd_weight=0.0, layer_weight=0.0)
+    jax.make_jaxpr(ce_only)(student, batch, None, teacher, {})
+    assert len(calls) == 1
+    total, n, terms = ce_only(student, batch, None, None, {})  # no teacher at all
+    ce_sum, count = jax.jit(loss_lib.lm_loss, static_argnums=2)(student, batch, CFG)
+    assert set(terms) == {"ce"} and float(n) == float(count)
+    np.testing.assert_allclose(float(total), float(ce_sum), rtol=1e-6)
+
+
 def test_teacher_gets_no_gradient(models):
     student, teacher = models
     batch = make_batch()

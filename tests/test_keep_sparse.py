@@ -17,6 +17,7 @@ from configs import blocks
 from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import llama, sharding
 from sparse_llama.model.config import preset
+from sparse_llama.model.loss import lm_loss
 from sparse_llama.optim import factory
 from sparse_llama.optim.keep_sparse import KeepSparseState, find_masks, keep_sparse, set_masks
 from sparse_llama.sparsity import masks as masks_lib
@@ -324,6 +325,26 @@ def test_train_step_keeps_exact_zeros(engine):
         "layers"]["mlp"]["gate_proj"])
     assert np.count_nonzero(moved) == np.count_nonzero(engine["masks"]["layers"]["mlp"][
         "gate_proj"])
+
+
+def test_reported_grad_norm_is_the_masked_gradient_that_clipping_sees(engine):
+    # Catches: grad_norm measured on the raw gradients, pruned entries included, while
+    # clip_by_global_norm (inside keep-sparse) sees the masked ones.
+    params, masks, batch = engine["params"], engine["masks"], engine["batches"][0]
+    state = state_lib.create(jax.tree.map(jnp.copy, params), engine["opt"], seed=0)
+    _, metrics = engine["step"](state, batch)
+
+    def mean_loss(p):
+        total, count = lm_loss(p, batch, CFG)
+        return total / count
+    grads = jax.device_get(jax.jit(jax.grad(mean_loss))(params))
+    squares = [np.sum(np.where(np.asarray(m), np.asarray(g, np.float64), 0.0) ** 2)
+               for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(masks), strict=True)]
+    masked = float(np.sqrt(np.sum(squares)))
+    raw = float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                            for g in jax.tree.leaves(grads))))
+    assert raw > 1.05 * masked  # the pruned entries' gradients are not negligible here
+    assert float(metrics["grad_norm"]) == pytest.approx(masked, rel=1e-5)
 
 
 def test_checkpoint_round_trip_keeps_masks_and_zeros(tmp_path, engine):

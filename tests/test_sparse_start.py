@@ -5,6 +5,7 @@ warning, static `sparsity.init` masks from scratch, and exact resume of a sparse
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import hf_fixtures
@@ -313,3 +314,121 @@ def test_random_init_is_exact_per_matrix_and_not_magnitude(start, tmp_path):
     w0 = np.abs(init["layers/mlp/up_proj"][0])
     assert np.median(w0[~up[0]]) > 0.5 * np.median(w0)
     assert summary["sparsity"] == pytest.approx(0.3, abs=1e-3)
+
+
+# --- a sparse start must be sparse; a static mask must not silently replace one ---------------
+
+def _dir(start, name, params, masks=None, **save):
+    out = start["root"] / name
+    if not out.exists():
+        out = hf_io.save_hf(params, HF_CFG, out, tokenizer_dir=start["tok"], **save)
+        if masks is not None:
+            mask_io.save_masks(masks, out / "masks")
+    return out
+
+
+def _zero_fraction(params, fraction, seed=1):
+    """`params` with about `fraction` of every target tensor set to exactly 0."""
+    rng = np.random.default_rng(seed)
+
+    def zero_some(path, w):
+        if not is_target(path_name(path)):
+            return w
+        return np.where(rng.random(w.shape) < fraction, 0, w).astype(w.dtype)
+    return jax.tree_util.tree_map_with_path(zero_some, params)
+
+
+def _dense_with_all_true_masks(start):
+    # What a sparse run from a dense checkpoint exported before this check: masks/ all True.
+    masks = jax.tree.map(lambda m: np.ones(np.shape(m), bool), start["masks"])
+    return _dir(start, "dense_true_masks", start["params"], masks)
+
+
+@pytest.mark.parametrize("which", ["dense", "dense_with_all_true_masks"])
+def test_a_sparse_run_from_a_dense_checkpoint_is_refused_before_any_checkpoint(
+        start, tmp_path, which):
+    hf = (_dir(start, "dense", start["params"]) if which == "dense"
+          else _dense_with_all_true_masks(start))
+    # Catches: a dense checkpoint given to configs/sparse.py training dense (all-True masks
+    # from its zeros, or from an all-True masks/) and exporting "sparsity": 0.0.
+    with pytest.raises(ValueError, match=(
+            rf"sparse training from {re.escape(str(hf))} .*only 0\.0% of its target weights are pruned.*"
+            r"launch\.prune.*sparsity\.keep=False")):
+        train_command.train(run_config(start, hf), str(tmp_path / "run"))
+    assert no_checkpoint_written(tmp_path / "run")
+
+
+def test_the_sparse_start_threshold_refuses_below_ten_percent_and_passes_real_prunes(start):
+    # Catches: a threshold so high that a light prune (a 2:8 = 25% mask) is refused, or so
+    # low that a nearly dense checkpoint passes.
+    assert 0.0 < sparse_start.SPARSE_CHECKPOINT_MIN <= 0.25
+    config = run_config(start, start["zeros_only"], keep=True)
+    for fraction, refused in ((0.05, True), (0.09, True), (0.12, False), (0.25, False)):
+        p = _zero_fraction(start["params"], fraction)
+        if refused:
+            with pytest.raises(ValueError, match="target weights are pruned"):
+                sparse_start.loaded_masks(config, p)
+        else:
+            masks = sparse_start.loaded_masks(config, p)
+            assert sparse_start.mask_sparsity(masks) == pytest.approx(fraction, abs=0.01)
+
+
+def _fraction_false(masks) -> float:
+    leaves = [m for m in target_leaves(masks).values()]
+    return 1 - sum(int(m.sum()) for m in leaves) / sum(m.size for m in leaves)
+
+
+def test_checkpoint_sparsity_reads_the_masks_file_or_the_zeros_tensor_by_tensor(start,
+                                                                                  monkeypatch):
+    zeros = np.mean(np.concatenate([w.ravel() == 0 for w in
+                                    target_leaves(start["pruned"]).values()]))
+    pruned = _fraction_false(start["masks"])
+    assert zeros != pruned  # EXTRA: a zero that masks/ keeps tells the two sources apart
+    # Never the whole model, never a device: tensors read one at a time with numpy.
+    for name in ("load_hf", "_to_device"):
+        monkeypatch.setattr(hf_io, name, lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(mask_io, "load_masks", lambda *a, **k: pytest.fail("loaded masks"))
+    # Catches: masks/ ignored (the zeros counted instead), a wrong popcount of the packed bits
+    # (padding bits of a last axis that is not a multiple of 8, or the bit order), a count
+    # over untargeted tensors (embeddings, norms).
+    assert sparse_start.checkpoint_sparsity(start["with_masks"]) == pytest.approx(pruned,
+                                                                                  abs=1e-12)
+    assert sparse_start.checkpoint_sparsity(start["zeros_only"]) == pytest.approx(zeros,
+                                                                                  abs=1e-12)
+    assert sparse_start.checkpoint_sparsity(_dir(start, "dense", start["params"])) == 0.0
+    # bf16 weights in several shards, -0.0 counted as zero (its sign bit is set).
+    negative = jax.tree.map(lambda w: np.where(w == 0, -0.0, w).astype(w.dtype), start["pruned"])
+    bf16 = _dir(start, "zeros_bf16", negative, dtype="bfloat16", max_shard_bytes=40_000)
+    assert len(list(bf16.glob("model-*.safetensors"))) > 2
+    assert sparse_start.checkpoint_sparsity(bf16) == pytest.approx(zeros, abs=1e-12)
+
+
+def test_checkpoint_sparsity_refuses_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sparse_start.checkpoint_sparsity(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda s: ({"hf_path": s["with_masks"]}, {"masks_path": str(s["with_masks"] / "masks")}),
+     r"sparsity.init='magnitude' and sparsity.masks_path"),
+    (lambda s: ({"hf_path": s["with_masks"]}, {}),
+     r"sparsity.init='magnitude' would replace the mask of .*with_masks/masks"),
+    (lambda s: ({"hf_path": s["zeros_only"]}, {}),
+     r"sparsity.init='magnitude' would replace the mask of .*zeros_only \(50\.\d% of its "
+     r"target weights are exact zeros\)"),
+], ids=["masks_path", "masks_dir", "sparse_zeros"])
+def test_a_static_mask_never_replaces_a_sparse_start(start, tmp_path, case, message):
+    # Catches: sparsity.init silently overriding sparsity.masks_path or the checkpoint's own
+    # mask (its pruned weights then trained back, a mask other than the one asked for kept).
+    where, sparsity = case(start)
+    config = run_config(start, where["hf_path"], init="magnitude", sparsity=0.3, keep=True,
+                        **sparsity)
+    with pytest.raises(ValueError, match=message):
+        sparse_start.check_sparsity_config(config)
+    with pytest.raises(ValueError, match=message):
+        train_command.train(config, str(tmp_path / "run"))
+    assert no_checkpoint_written(tmp_path / "run")
+    # A dense checkpoint is what a static mask is for (prune it at the start).
+    sparse_start.check_sparsity_config(
+        run_config(start, _dir(start, "dense", start["params"]), init="magnitude",
+                   sparsity=0.3, keep=True))

@@ -3,9 +3,14 @@
 - **Mask-preserving LoRA** (`finetune.lora_rank > 0`, configs/finetune.py): wraps the run's
   objective (`lm` or `distill`) so that it trains adapters `{"a", "b"}` of every target linear
   (model/lora.py); the objective sees the merged params `W + scale * (a @ b) * mask`, so the
-  model it trains is always exactly as sparse as the frozen base. The end of the run writes
-  `<workdir>/hf` (merged, with `masks/` and the sparsity report when `sparsity.keep`) and
-  `<workdir>/adapters.safetensors` (the adapters alone).
+  model it trains is always exactly as sparse as the frozen base, whatever `sparsity.keep`
+  says: the mask is the base's (`sparsity.masks_path`, its `masks/`, else its exact zeros;
+  `sparse_start.frozen_masks`). `sparsity.keep=True` refuses a dense base
+  (`sparse_start.SPARSE_CHECKPOINT_MIN`); with `sparsity.keep=False` a dense base is adapted
+  densely. `sparsity.init` is refused: a static mask is never applied to a frozen model
+  (prune it first). The end of the run writes `<workdir>/hf` (merged; with `masks/` and the
+  sparsity report when the base is sparse) and `<workdir>/adapters.safetensors` (the adapters
+  alone).
 - **Soft prompt** (`train.objective="soft_prompt"`, configs/soft_prompt.py): N embeddings
   before every input (model/soft_prompt.py), the only trained array; the run writes
   `<workdir>/soft_prompt.safetensors`, which `launch.eval` / `launch.generate` take as
@@ -75,6 +80,12 @@ def lora_settings(config: ml_collections.ConfigDict, model: LlamaConfig
     if rank == 0:
         return None
     _require_model(config, "finetune.lora_rank")
+    init = (config.get("sparsity") or {}).get("init", "")
+    if init:
+        raise ValueError(f"sparsity.init={init!r} with finetune.lora_rank={rank}: LoRA adapts "
+                         "a frozen model and keeps its own mask, so a static mask would never "
+                         "be applied; prune the model first (python -m launch.prune) and adapt "
+                         "that directory, or drop sparsity.init")
     shapes = jax.eval_shape(lambda: llama.init_params(jax.random.key(0), model))
     lora.check_rank(shapes, rank)
     if alpha < 0:
@@ -87,7 +98,7 @@ def _frozen(config: ml_collections.ConfigDict, mesh: Mesh, rules, *, with_masks:
     """(params, their shardings, masks or None, their shardings) of `model.hf_path`, placed by
     the params' rules: the frozen model of an adapter run."""
     bundle = loading.load_model(config.model)
-    masks = sparse_start.loaded_masks(config, bundle.params) if with_masks else None
+    masks = sparse_start.frozen_masks(config, bundle.params) if with_masks else None
     param_sh = sharding.param_shardings(bundle.params, mesh, rules)
     params = sharding.shard(bundle.params, param_sh)
     mask_sh = None

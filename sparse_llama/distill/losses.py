@@ -28,7 +28,8 @@ def kd_token_loss(student_logits: Float[Array, "b t v"], teacher_logits: Float[A
     log_p_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau, axis=-1)
     log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
     # exp(log_p_t) * (log_p_t - log_p_s); a teacher probability of exactly 0 contributes 0.
-    kl = jnp.sum(jnp.where(log_p_t > -jnp.inf, jnp.exp(log_p_t) * (log_p_t - log_p_s), 0.0),
+    # `== -inf`, not `> -inf`: a NaN teacher (non-finite logits) must give a NaN KD, not 0.
+    kl = jnp.sum(jnp.where(log_p_t == -jnp.inf, 0.0, jnp.exp(log_p_t) * (log_p_t - log_p_s)),
                  axis=-1)
     return (tau * tau) * kl
 

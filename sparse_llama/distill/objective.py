@@ -13,8 +13,10 @@ Config section `distill` (configs/finetune_distill.py):
 The teacher's params are an *input* of the jitted step (`Objective.inputs`), sharded by the
 student's own logical rules, never trained and never closed over; the loss runs its forward
 inside every micro-batch under `stop_gradient`, so at most one micro-batch of its
-full-vocabulary logits is ever live. The student's mask is kept by the optimizer
-(`sparsity.keep`), not here.
+full-vocabulary logits is ever live. A term of weight 0 is not computed at all (so a
+non-finite one cannot reach the loss): with `kd_weight=0` there is no KD term, and with
+`kd_weight=0` and `layer_weight=0` the teacher is neither loaded nor run (CE alone). The
+student's mask is kept by the optimizer (`sparsity.keep`), not here.
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh
 
 from sparse_llama import loading
@@ -117,29 +120,33 @@ def distill_loss(student: LlamaConfig, teacher: LlamaConfig, *, ce_weight: float
 
     Returns `(ce_weight * ce_sum + kd_weight * kd_sum + layer_weight * sh * n, n, terms)` for
     the micro-batch, n its loss tokens and sh its SquareHead; terms `ce`, `kd` are
-    (sum, n) and `squarehead` (sh * n, n) (absent without a layer weight), so the step
-    reports CE and KD per loss token of the whole batch and SquareHead as the token-weighted
-    mean over micro-batches (docs/distill.md).
+    (sum, n) and `squarehead` (sh * n, n), so the step reports CE and KD per loss token of
+    the whole batch and SquareHead as the token-weighted mean over micro-batches
+    (docs/distill.md). `kd` is absent (not computed) when `kd_weight == 0`, `squarehead`
+    when `layer_weight == 0`; with both 0 the teacher's forward is not run (its params may
+    be None).
     """
-    with_hidden = layer_weight > 0
+    with_kd, with_hidden = kd_weight > 0, layer_weight > 0
 
     def loss(params, batch, rng, teacher_params, step_args):
         del rng, step_args
-        teacher_params = jax.lax.stop_gradient(teacher_params)
         where = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]}
         s_out = llama.forward(params, batch["inputs"], student, return_hidden=with_hidden,
                               **where)
-        t_out = llama.forward(teacher_params, batch["inputs"], teacher,
-                              return_hidden=with_hidden, **where)
-        (s_logits, s_hidden), (t_logits, t_hidden) = (
-            (s_out, t_out) if with_hidden else ((s_out, None), (t_out, None)))
-        t_logits, t_hidden = jax.lax.stop_gradient((t_logits, t_hidden))
+        s_logits, s_hidden = s_out if with_hidden else (s_out, None)
         w = batch["loss_mask"].astype(jnp.float32)
         nll = token_nll(s_logits, batch["targets"])
         ce_sum, n = jnp.sum(jnp.where(w > 0, nll * w, 0.0)), jnp.sum(w)
-        kd_sum, _ = kd_sums(s_logits, t_logits, w, temperature)
-        total = ce_weight * ce_sum + kd_weight * kd_sum
-        terms = {"ce": (ce_sum, n), "kd": (kd_sum, n)}
+        total, terms = ce_weight * ce_sum, {"ce": (ce_sum, n)}
+        if not (with_kd or with_hidden):
+            return total, n, terms
+        t_out = llama.forward(jax.lax.stop_gradient(teacher_params), batch["inputs"], teacher,
+                              return_hidden=with_hidden, **where)
+        t_logits, t_hidden = jax.lax.stop_gradient(t_out if with_hidden else (t_out, None))
+        if with_kd:
+            kd_sum, _ = kd_sums(s_logits, t_logits, w, temperature)
+            total = total + kd_weight * kd_sum
+            terms["kd"] = (kd_sum, n)
         if with_hidden:
             sh = squarehead(s_hidden, t_hidden, w)
             total = total + layer_weight * sh * n
@@ -165,14 +172,19 @@ def teacher_config(config: ml_collections.ConfigDict, student: LlamaConfig) -> L
 def build(config: ml_collections.ConfigDict, model: LlamaConfig, mesh: Mesh,
           rules) -> Objective:
     """`train.objective='distill'`: checks the teacher (config, vocabulary, tokenizer) before
-    loading it, then places its params by the student's sharding rules."""
+    loading it, then places its params by the student's sharding rules (not loaded when no
+    term reads it: `kd_weight=0` and `layer_weight=0`)."""
     d = check_distill_config(config)
     teacher = teacher_config(config, model)
     check_tokenizers(resolve_tokenizer(config)[0], d.teacher_path)
-    _, params = hf_io.load_hf(d.teacher_path, param_dtype=jnp.dtype(teacher.dtype))
-    shardings = sharding.param_shardings(params, mesh, rules)
-    params = sharding.shard(params, shardings)
     loss = distill_loss(model, teacher, ce_weight=float(d.ce_weight),
                         kd_weight=float(d.kd_weight), layer_weight=float(d.layer_weight),
                         temperature=float(d.temperature))
+    if not (d.kd_weight > 0 or d.layer_weight > 0):  # no term reads the teacher
+        logging.warning("distill.kd_weight=0 and distill.layer_weight=0: the teacher %s is not "
+                        "loaded (the loss is the student's CE alone)", d.teacher_path)
+        return Objective(loss=loss)
+    _, params = hf_io.load_hf(d.teacher_path, param_dtype=jnp.dtype(teacher.dtype))
+    shardings = sharding.param_shardings(params, mesh, rules)
+    params = sharding.shard(params, shardings)
     return Objective(loss=loss, inputs=params, input_shardings=shardings)

@@ -17,8 +17,9 @@ e.g. `jax.jit(lambda p, m: set_masks(optimizer.init(p), m))(params, masks)` so t
 arguments of the program, not constants compiled into it.
 
 One update, per leaf with a full-shape mask:
-  1. gradients of pruned entries are set to 0 *before* the inner transformation, so global-norm
-     clipping measures only the kept weights' gradients and Adam's moments of pruned entries
+  1. gradients of pruned entries are set to 0 *before* the inner transformation
+     (`masked_gradients`), so global-norm clipping measures only the kept weights' gradients
+     (the train step reports that norm as `grad_norm`) and Adam's moments of pruned entries
      stay exactly 0 (they start at 0 and only ever see 0);
   2. the inner transformation runs unchanged (extra args are forwarded to it);
   3. the updates of pruned entries become `-params`, so `params + updates` is exactly +0.0
@@ -56,6 +57,15 @@ def _is_state(x) -> bool:
     return isinstance(x, KeepSparseState)
 
 
+def masked_gradients(grads: PyTree, masks: PyTree) -> PyTree:
+    """`grads` with the pruned entries' set to 0: what keep-sparse hands its inner chain
+    (clipping included), and what the train step reports the norm of."""
+    # Shape, not value, decides: a 0-d mask is dense, and skipping it costs nothing.
+    return jax.tree.map(
+        lambda g, m: g if jnp.ndim(m) == 0 else jnp.where(m, g, jnp.zeros((), g.dtype)),
+        grads, masks)
+
+
 def keep_sparse(inner: optax.GradientTransformation,
                 targets: Sequence[str] = DEFAULT_TARGETS
                 ) -> optax.GradientTransformationExtraArgs:
@@ -78,10 +88,7 @@ def keep_sparse(inner: optax.GradientTransformation,
             raise ValueError("keep_sparse needs the params in update(grads, state, params) "
                              "to set the pruned weights to exactly 0")
         masks = state.masks
-        # Shape, not value, decides: a 0-d mask is dense, and skipping it costs nothing.
-        grads = jax.tree.map(
-            lambda g, m: g if jnp.ndim(m) == 0 else jnp.where(m, g, jnp.zeros((), g.dtype)),
-            updates, masks)
+        grads = masked_gradients(updates, masks)
         new, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         # -p, not a cast of it: w + (-w) is exactly 0 only at w's own precision (a bf16 update
         # for an f32 weight would leave a residue); jnp.where promotes instead.

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sparse_llama.model import sharding
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.model.loss import lm_loss
+from sparse_llama.optim.keep_sparse import find_masks, masked_gradients
 from sparse_llama.train import objective as objectives
 from sparse_llama.train.objective import Objective
 from sparse_llama.train.state import TrainState
@@ -105,8 +106,10 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     arguments reach the loss and `optimizer.update` as extra arguments.
 
     metrics (float32 scalars, replicated): loss (mean token loss), tokens (counted tokens),
-    grad_norm (before clipping), lr (the rate this update used), param_norm (after it), and
-    each of the objective's terms (`sum / weight` over the whole batch).
+    grad_norm (the global norm that clipping sees, before clipping: with keep-sparse in the
+    chain, of the masked gradients, pruned entries 0), lr (the rate this update used),
+    param_norm (after it), and each of the objective's terms (`sum / weight` over the whole
+    batch).
     """
     if objective is None:
         objective = objectives.lm_objective(config)
@@ -125,10 +128,12 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
         # max(count, 1): a batch of pure padding gives zero gradients, not NaN.
         scale = 1.0 / jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        masks = find_masks(state.opt_state)
+        seen = grads if masks is None else masked_gradients(grads, masks)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **step_args)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum * scale, "tokens": count,
-                   "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+                   "grad_norm": optax.tree.norm(seen), "lr": schedule(state.step),
                    # Checked by the loop: a finite loss can still leave inf params behind.
                    "param_norm": optax.tree.norm(params)}
         for name, (total, weight) in terms.items():
