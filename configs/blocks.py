@@ -196,7 +196,7 @@ def prune_stage(sparsity: float, *, method: str = "sparsegpt", profile: str = "u
     the recipe's training mixture (its `calibration.path` is set by the recipe)."""
     return ml_collections.ConfigDict({
         "kind": "prune",
-        # keep_zeros: extending a mask keeps its old zeros
+        # keep_zeros: extending a mask keeps the old one pruned
         "pruning": pruning(method=method, sparsity=sparsity, profile=profile, keep_zeros=True),
         "calibration": calibration(num_samples=num_samples, seq_len=seq_len, seed=0,
                                    batch_size=8),
@@ -257,7 +257,9 @@ def pruning(**changes) -> ml_collections.ConfigDict:
         "block_size": 128,  # SparseGPT column block
         "dampening": 0.01,  # SparseGPT: lambda = dampening * mean(diag(H))
         "true_sequential": False,  # {q,k,v} -> {o} -> {gate,up} -> {down}, inputs recomputed
-        "keep_zeros": True,  # weights already exactly zero stay pruned (extend 50% -> 70%)
+        # the old mask stays pruned (extend 50% -> 70%): <hf_path>/masks when present, else
+        # the weights already exactly zero (sparse_llama/sparse_io/starting_masks.py)
+        "keep_zeros": True,
     }, changes)
 
 

@@ -331,3 +331,53 @@ def test_export_with_every_checkpoint_damaged_is_a_one_line_error(tmp_path, setu
     assert last.startswith("error: every checkpoint") and "step 2" in last and "step 1" in last
     assert "Traceback" not in proc.stderr and "{" not in proc.stdout
     assert not (tmp_path / "hf").exists()
+
+
+# ---- the sparse export (sparse_io/sparse_export.py: a sparse run's export, launch.export) ----
+
+def _sparse_model(seed=0):
+    from sparse_llama.model import llama
+    from sparse_llama.sparsity.static import static_masks
+
+    params = jax.device_get(llama.init_params(jax.random.key(seed), CFG))
+    masks = jax.device_get(static_masks(params, "magnitude", 0.5, jax.random.key(1)))
+    return jax.tree.map(lambda w, m: np.where(m, w, 0).astype(w.dtype), params, masks), masks
+
+
+@pytest.mark.parametrize("dtype, tiny", [("float16", 1e-9), ("bfloat16", 1e-42)])
+def test_the_sparsity_report_counts_the_weights_as_written(tmp_path, dtype, tiny):
+    """Kept weights too small for the export dtype are written as 0: the report counts them."""
+    from sparse_llama.model import hf_io
+    from sparse_llama.sparse_io.sparse_export import save_sparse_hf
+
+    params, masks = _sparse_model()
+    up = np.array(params["layers"]["mlp"]["up_proj"])
+    kept = np.argwhere(np.asarray(masks["layers"]["mlp"]["up_proj"]))[:100]
+    up[tuple(kept.T)] = tiny  # kept, nonzero in float32, 0 once cast
+    params["layers"]["mlp"]["up_proj"] = up
+    out, report = save_sparse_hf(params, CFG, tmp_path / "out", masks=masks, dtype=dtype)
+    assert json.loads((out / "sparsity_report.json").read_text()) == report
+    _, written = hf_io.load_hf(out)
+    w = np.asarray(written["layers"]["mlp"]["up_proj"])
+    entry = {(t["name"], t["layer"]): t["sparsity"] for t in report["per_tensor"]}
+    for layer in range(CFG.num_layers):
+        assert entry["mlp/up_proj", layer] == np.mean(w[layer] == 0)
+    assert entry["mlp/up_proj", 0] > 0.5  # the underflowed weights count as zeros
+    linears = [np.asarray(x) for k, v in written["layers"].items() if "norm" not in k
+               for x in v.values()]
+    zeros, total = sum(int(np.sum(x == 0)) for x in linears), sum(x.size for x in linears)
+    assert report["overall"] == zeros / total
+
+
+def test_a_sparse_export_that_overflows_float16_publishes_nothing(tmp_path):
+    from sparse_llama.sparse_io.sparse_export import save_sparse_hf
+
+    params, masks = _sparse_model()
+    down = np.array(params["layers"]["mlp"]["down_proj"])
+    down[1][np.unravel_index(np.argmax(np.abs(down[1])), down[1].shape)] = 1e5
+    params["layers"]["mlp"]["down_proj"] = down
+    with pytest.raises(ValueError, match=r"^model\.layers\.1\.mlp\.down_proj\.weight: 1 value "
+                                         r"is not finite in float16") as err:
+        save_sparse_hf(params, CFG, tmp_path / "out", masks=masks, dtype="float16")
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

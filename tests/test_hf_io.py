@@ -10,6 +10,7 @@ import pytest
 from hf_fixtures import build_hf_model, save_hf_checkpoint
 from safetensors.numpy import load_file, save_file
 
+from sparse_llama.ground.tree_paths import get_path, set_path
 from sparse_llama.model import hf_io, safetensors_stream
 from sparse_llama.model.config import PRESETS, LlamaConfig, RopeScaling
 from sparse_llama.model.hf_config import config_from_hf, config_to_hf, hf_eos_token_ids
@@ -263,6 +264,23 @@ def test_save_argument_errors(loaded, tmp_path):
     with pytest.raises(FileNotFoundError, match="none of the tokenizer files"):
         hf_io.save_hf(params, config, tmp_path / "a", tokenizer_dir=tmp_path / "empty")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("path, name", [
+    (("layers", "mlp", "up_proj"), "model.layers.1.mlp.up_proj.weight"),
+    (("embed_tokens",), "model.embed_tokens.weight")])
+def test_a_float16_overflow_is_refused_naming_the_tensor(loaded, tmp_path, path, name):
+    """70000 > 65504 becomes inf in float16: one line naming the tensor, nothing published."""
+    config, params = loaded
+    w = np.array(get_path(params, path))
+    w[(1, 3, 5) if len(path) > 1 else (3, 5)] = 7e4
+    big = jax.tree.map(lambda x: x, params)
+    set_path(big, path, w)
+    with pytest.raises(ValueError, match=rf"^{name}: 1 value is not finite in float16 ") as err:
+        hf_io.save_hf(big, config, tmp_path / "out", dtype="float16")
+    assert "\n" not in str(err.value) and "65504" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+    hf_io.save_hf(big, config, tmp_path / "out", dtype="bfloat16")  # in range there
 
 
 def test_tied_checkpoint_with_stored_lm_head_loads(tmp_path):

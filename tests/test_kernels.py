@@ -38,7 +38,7 @@ def sparse_weight(fmt: str, shape, seed: int = 0, density: float = 0.4) -> np.nd
         rank = np.argsort(np.argsort(rng.random(g.shape), axis=-2), axis=-2)
         g[rank >= 2] = 0
         g[..., 0, :, 0] = 0  # a group with nothing kept
-        g[..., 1, 1:, 1] = 0  # a group with one kept entry
+        g[..., 1, :, 1] = [1.5, 0, 0, 0]  # a group with one kept entry
         return g.reshape(shape)
     w[rng.random(shape) > density] = 0
     w[..., :, 2] = 0
@@ -59,6 +59,26 @@ def test_pack_unpack_round_trip_is_exact(fmt, dtype):
     np.testing.assert_array_equal(np.asarray(kernels.unpack_mask(p)), np.asarray(w) != 0)
     one = jax.tree.map(lambda a: a[1], p)  # a layer slice of the stacked pack is a pack
     np.testing.assert_array_equal(np.asarray(kernels.unpack(one)), np.asarray(w[1]))
+
+
+@pytest.mark.parametrize("fmt", list(K))
+def test_a_kept_zero_stays_kept_in_the_mask_and_the_vjp(fmt):
+    """A kept weight that is exactly zero (a GPTQ code rounded to 0, a zero-initialised
+    weight) is part of the mask: unpack_mask returns the given mask, not the nonzeros, and
+    the weight cotangent reaches it; unkept positions get none."""
+    w = sparse_weight(fmt, (K[fmt], N), seed=11)
+    mask = w != 0
+    mask[4:8, 1], w[4:8, 1] = [True, False, False, False], 0  # a group keeping one zero
+    w[mask & (np.arange(K[fmt])[:, None] % 3 == 0)] = 0  # groups keeping one or two zeros
+    assert (mask & (w == 0)).sum() > 1000 and not mask[:4, 0].any()  # and one keeping none
+    p = PACK[fmt](jnp.asarray(w), mask=jnp.asarray(mask), **BLOCKS[fmt])
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_mask(p)), mask)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack(p)), w)
+    x = jnp.asarray(np.random.default_rng(12).normal(size=(3, K[fmt])), jnp.float32)
+    gp = jax.grad(lambda p: jnp.sum(kernels.matmul(x, p)), allow_int=True)(p)
+    dense_grad = np.asarray(kernels.unpack(dataclasses.replace(p, values=gp.values)))
+    want = np.asarray(x).T @ np.ones((3, N), np.float32)  # d sum(x @ W) / dW
+    np.testing.assert_allclose(dense_grad, np.where(mask, want, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_bitmask_layout_is_the_documented_one():
@@ -100,15 +120,24 @@ def test_two_four_layout_is_the_documented_one():
     p = pack("2:4", w)
     values, meta = np.asarray(p.values), np.asarray(p.meta)
     half = values.shape[1] // 2
+    seen = set()
     for g in (0, 1, 5, 40, 69):
         for n in (0, 1, 64, 129):
             byte = meta[g % half, n]
             code = byte & 15 if g < half else byte >> 4
             i0, i1 = code & 3, code >> 2
-            assert i0 < i1
             group = w[4 * g:4 * g + 4, n]
-            assert set(np.flatnonzero(group)) <= {i0, i1}
-            np.testing.assert_array_equal(values[:, g, n], group[[i0, i1]])
+            kept = np.flatnonzero(group)  # the default mask: the nonzeros
+            if kept.size == 2:
+                assert (i0, i1) == tuple(kept)
+                np.testing.assert_array_equal(values[:, g, n], group[kept])
+            elif kept.size == 1:
+                assert i0 == i1 == kept[0] and values[0, g, n] == group[i0]
+                assert values[1, g, n] == 0
+            else:
+                assert (i0, i1) == (1, 0) and not values[:, g, n].any()
+            seen.add(kept.size)
+    assert seen == {0, 1, 2}
 
 
 def test_bad_packs_are_clear_errors():
@@ -155,8 +184,9 @@ def test_vjp_matches_autodiff_through_the_reference(fmt, kernel):
     gx, gp = jax.grad(loss, argnums=(0, 1), allow_int=True)(x, p)
     rx, rv = jax.grad(reference, argnums=(0, 1))(x, p.values)
     np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-4)
-    # The weight gradient lives on the kept entries only (2:4 slots that merely complete a
-    # group hold zeros and get none): unpacked, it is zero where w is.
+    # The weight gradient lives on the kept entries only (2:4 value slots of groups keeping
+    # fewer than two hold zeros and get none): unpacked, it is zero where w is (this weight
+    # keeps no zeros; test_a_kept_zero_stays_kept_in_the_mask_and_the_vjp has them).
     np.testing.assert_allclose(gp.values, np.where(p.values != 0, rv, 0), rtol=1e-5, atol=1e-4)
     dense_grad = np.asarray(kernels.unpack(dataclasses.replace(p, values=gp.values)))
     assert np.all(dense_grad[w == 0] == 0) and np.abs(dense_grad[w != 0]).min() > 0

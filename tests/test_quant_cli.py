@@ -1,8 +1,10 @@
 """`launch.quantize` end to end on a tiny 50%-sparse checkpoint, the compressed-tensors layout
 through the real `compressed-tensors` package and transformers, the `:w8a8` prune variant,
-and bad input (one-line errors, nothing written)."""
+the starting mask (`<hf_path>/masks`, shared with launch.prune), and bad input (one-line
+errors, nothing written)."""
 
 import json
+import shutil
 
 import hf_fixtures
 import jax
@@ -21,9 +23,12 @@ from sparse_llama import loading
 from sparse_llama.commands import eval as eval_run
 from sparse_llama.commands import prune as prune_run
 from sparse_llama.commands import quantize as quant_run
-from sparse_llama.model import generate, llama
+from sparse_llama.ground.tree_paths import path_name
+from sparse_llama.model import generate, hf_io, llama
 from sparse_llama.quant import compressed_tensors as ct
 from sparse_llama.quant import w8a8
+from sparse_llama.sparse_io import mask_io, starting_masks
+from sparse_llama.sparsity import masks as masks_lib
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -70,7 +75,10 @@ def test_w8a8_compressed_tensors_export_loads_in_transformers_with_our_perplexit
     assert {"perplexity_before", "perplexity_after", "sparsity", "bits", "seconds",
             "output_dir"} <= set(summary)
     assert summary["bits"] == 8 and summary["zeros_kept"] and summary["sparsity"] >= 0.5
-    assert summary["perplexity_after"] == pytest.approx(summary["perplexity_before"], rel=0.05)
+    # docs/quantization.md measures W8A8 GPTQ + SmoothQuant 0.5 at +0.047% over the float
+    # model (this checkpoint: +0.041%); 0.2% is about four times that. SmoothQuant applied
+    # the wrong way round (norm * s with W * s: the float function changes) gives +2.2% here.
+    assert summary["perplexity_after"] == pytest.approx(summary["perplexity_before"], rel=2e-3)
     assert (out / "masks").is_dir() and (out / "sparsity_report.json").is_file()
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "int-quantized" and qc["sparsity_config"] == {}
@@ -101,6 +109,12 @@ def test_w8a8_compressed_tensors_export_loads_in_transformers_with_our_perplexit
     result = eval_run.run(eval_config)
     assert result["perplexity"] == pytest.approx(summary["perplexity_after"], rel=1e-5)
     assert result["quantized"] == "w8a8"
+    # The activations really are quantized: the same weights with float activations differ.
+    # docs/quantization.md: int8 activations move the perplexity by +0.019% (W8A8 GPTQ vs GPTQ
+    # int8 weights only); here by 0.022%; unquantized they would differ by 0 (< 1e-7).
+    eval_config.model.quantized = "none"
+    floats = eval_run.run(eval_config)["perplexity"]
+    assert abs(summary["perplexity_after"] / floats - 1) > 2e-5
     # The W8A8 weights under lax.scan (the big presets) and in KV-cache generation.
     tokens = jnp.asarray(hf_fixtures.random_tokens(2, 16))
     loop = llama.forward(bundle.params, tokens, bundle.config.replace(scan_layers=False))
@@ -167,6 +181,99 @@ def test_prune_w8a8_variant_prunes_and_quantizes_in_one_pass(sparse_dir, tmp_pat
     report = json.loads((tmp_path / "out" / "sparsity_report.json").read_text())
     assert report["overall"] == pytest.approx(summary["sparsity"])
     assert float(np.mean(np.asarray(params["layers"]["mlp"]["up_proj"]) == 0)) >= 0.7
+
+
+@pytest.fixture(scope="module")
+def kept_zeros_dir(sparse_dir, tmp_path_factory):
+    """sparse_dir's checkpoint with a masks file that keeps a fifth of its zeros (kept
+    weights that are exactly zero, as a GPTQ int4 code rounded to 0 leaves them): (the
+    directory, its targeted weights, their masks), by params path."""
+    ckpt = tmp_path_factory.mktemp("kept_zeros") / "ckpt"
+    shutil.copytree(sparse_dir[0], ckpt)
+    _, params = hf_io.load_hf(ckpt)
+    rng = np.random.default_rng(0)
+    masks = jax.tree.map(lambda m: m | (rng.random(m.shape) < 0.2) if np.ndim(m) else m,
+                         jax.tree.map(np.asarray, masks_lib.masks_from_zeros(params)))
+    mask_io.save_masks(masks, ckpt / "masks")
+    return ckpt, _targets(params), _targets(masks)
+
+
+def _prune_config(ckpt, text, out, variant="magnitude50", **pruning):
+    config = prune_configs.get_config(variant)
+    config.model.hf_path, config.output_dir = str(ckpt), str(out)
+    config.calibration.path = str(text)
+    config.calibration.num_samples, config.calibration.seq_len = 8, 32
+    config.pruning.update(pruning)
+    return config
+
+
+def _targets(tree) -> dict:
+    return {path_name(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(
+        tree) if masks_lib.is_target(path_name(p))}
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_the_masks_file_is_the_starting_mask(kept_zeros_dir, sparse_dir, tmp_path, command):
+    """launch.quantize and launch.prune (pruning.keep_zeros=True) start from <hf_path>/masks:
+    what it prunes stays exactly 0, and what it keeps stays kept though it is zero."""
+    ckpt, weights, masks = kept_zeros_dir
+    out = tmp_path / "out"
+    if command == "quantize":  # GPTQ int8 weights: a kept zero gets error updates
+        summary = quant_run.run(_config(ckpt, sparse_dir[1], out, variant="w8"))
+        assert summary["zeros_kept"]
+    else:  # magnitude at 10%: the file's ~40% already cover it, nothing more is pruned
+        prune_run.run(_prune_config(ckpt, sparse_dir[1], out, sparsity=0.1))
+    got, got_masks = _targets(hf_io.load_hf(out)[1]), _targets(mask_io.load_masks(out / "masks"))
+    kept_zeros = 0
+    for name, m in masks.items():
+        assert np.all(got[name][~m] == 0), name  # pruned: exactly 0
+        np.testing.assert_array_equal(got_masks[name], m, err_msg=name)
+        kept_zero = m & (weights[name] == 0)
+        kept_zeros += int(kept_zero.sum())
+        if command == "quantize":  # kept zeros moved by GPTQ's updates: nonzero now
+            assert np.any(got[name][kept_zero] != 0), name
+    assert kept_zeros > 1000
+
+
+def test_starting_masks_read_one_block_and_refuse_a_damaged_file(kept_zeros_dir, tmp_path):
+    ckpt, _, masks = kept_zeros_dir
+    config, params = hf_io.load_hf(ckpt)
+    start = starting_masks.starting_masks(str(ckpt), keep=True)
+    assert start.directory == str(ckpt / "masks")
+    assert starting_masks.starting_masks(str(ckpt), keep=False) is None
+    for layer in range(config.num_layers):
+        block = start.block(layer, llama.layer_params(params, layer))
+        got = _targets({"layers": jax.tree.map(lambda m: m[None] if np.ndim(m) else m, block)})
+        for name, m in got.items():
+            np.testing.assert_array_equal(m[0], masks[name][layer], err_msg=name)
+    for name, m in _targets(start.tree(params)).items():
+        np.testing.assert_array_equal(m, masks[name], err_msg=name)
+    plain = tmp_path / "plain"  # no masks/: the exact zeros
+    plain.mkdir()
+    zeros = starting_masks.starting_masks(str(plain)).tree(params)
+    for name, m in _targets(zeros).items():
+        np.testing.assert_array_equal(m, _targets(params)[name] != 0, err_msg=name)
+    (plain / "masks").mkdir()
+    (plain / "masks" / "masks.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a readable masks directory"):
+        starting_masks.starting_masks(str(plain))
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_masks_that_prune_nonzero_weights_are_refused(sparse_dir, tmp_path, command):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sparse_dir[0], ckpt)
+    masks = jax.tree.map(np.array, masks_lib.masks_from_zeros(hf_io.load_hf(ckpt)[1]))
+    up = masks["layers"]["mlp"]["up_proj"]
+    up[0][np.unravel_index(np.argmax(up[0]), up[0].shape)] = False  # prunes a nonzero weight
+    mask_io.save_masks(masks, ckpt / "masks")
+    make, run = ((_config, quant_run.run) if command == "quantize"
+                 else (_prune_config, prune_run.run))
+    config = make(ckpt, sparse_dir[1], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"prune nonzero weights: (layers/)?mlp/up_proj "
+                                         r"\(1 nonzero\)"):
+        run(config)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change, fragment", [

@@ -1,7 +1,8 @@
 """SAT (sparse_llama/sat, optim/sat.py): the gathered forward/backward over kept units equals
 the dense one with the omitted units' weights zeroed; freezing leaves omitted units and their
 moments untouched; sampling follows softmax(score / T); every score matches a numpy
-reference; LORS rungs; bad `sat.*` values are one-line errors."""
+reference computed from the params alone (its own forward: RMSNorm, RoPE attention, SwiGLU);
+LORS rungs, short tails included; bad `sat.*` values are one-line errors."""
 
 import jax
 import jax.numpy as jnp
@@ -170,19 +171,63 @@ def test_sampling_frequencies_follow_softmax_of_score_over_temperature():
     np.testing.assert_array_equal(selection.select(s, 2, None, selection="topk"), [[0, 1]])
 
 
+def _rms_norm(x, scale, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, positions, theta):
+    """Rotate-half rotary embedding of x (b, t, n, e) at `positions` (b, t)."""
+    e = x.shape[-1]
+    angles = positions[..., None] / theta ** (np.arange(0, e, 2) / e)  # b t e/2
+    cos, sin = (np.concatenate([f(angles)] * 2, -1)[:, :, None, :] for f in (np.cos, np.sin))
+    return x * cos + np.concatenate([-x[..., e // 2:], x[..., :e // 2]], -1) * sin
+
+
+def numpy_block_inputs(params, x, seg, cfg):
+    """Per block, the inputs of its linears, float64 numpy from the params alone (the model's
+    forward is not called): h = RMSNorm (q/k/v input), c the attention context (o_proj input;
+    RoPE, causal within segments, GQA), x2 = RMSNorm (gate/up input), a = SiLU(x2 W_gate) *
+    (x2 W_up) (down input)."""
+    assert cfg.rope_scaling is None and not cfg.tie_word_embeddings
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(params))
+    b, t = x.shape
+    e, h, k = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+    pos = np.broadcast_to(np.arange(t, dtype=np.float64), (b, t))
+    seg = np.asarray(seg)
+    allowed = (np.arange(t)[None, :, None] >= np.arange(t)[None, None, :]) & (
+        seg[:, :, None] == seg[:, None, :])  # b t s
+    hidden = p["embed_tokens"][np.asarray(x)]
+    out = []
+    for i in range(cfg.num_layers):
+        lay = jax.tree.map(lambda v, i=i: v[i], p["layers"])
+        att, mlp = lay["self_attn"], lay["mlp"]
+        hn = _rms_norm(hidden, lay["input_layernorm"], cfg.rms_norm_eps)
+        q = _rope((hn @ att["q_proj"]).reshape(b, t, h, e), pos, cfg.rope_theta)
+        kk = _rope((hn @ att["k_proj"]).reshape(b, t, k, e), pos, cfg.rope_theta)
+        v = (hn @ att["v_proj"]).reshape(b, t, k, e)
+        kk, v = np.repeat(kk, h // k, axis=2), np.repeat(v, h // k, axis=2)  # head j: group j//G
+        logits = np.einsum("bthe,bshe->bhts", q, kk) / np.sqrt(e)
+        logits = np.where(allowed[:, None], logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        c = np.einsum("bhts,bshe->bthe", probs, v).reshape(b, t, h * e)
+        hidden = hidden + c @ att["o_proj"]
+        x2 = _rms_norm(hidden, lay["post_attention_layernorm"], cfg.rms_norm_eps)
+        gate = x2 @ mlp["gate_proj"]
+        a = gate / (1 + np.exp(-gate)) * (x2 @ mlp["up_proj"])
+        hidden = hidden + a @ mlp["down_proj"]
+        out.append({"qkv": hn, "o_proj": c, "gate_up": x2, "down_proj": a})
+    return out
+
+
 def numpy_scores(metric, params, x, seg, cfg):
-    """Scores from the model's own taps, reduced in numpy."""
-    _, hidden = llama.forward(params, x, cfg, segment_ids=seg, return_hidden=True)
-    inputs = [llama.embed(params, x, cfg)] + [hidden[i] for i in range(cfg.num_layers - 1)]
-    cos, sin, mask = llama.rope_and_mask(x.shape, cfg, None, seg)
+    """Scores in numpy from the params: the activations of `numpy_block_inputs`, then the
+    reductions of sat/scores.py's docstring."""
     w = np.asarray(seg > 0, np.float64)[..., None]
     e, h, k = cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
     mlp_out, grp_out = [], []
-    for i in range(cfg.num_layers):
+    for i, t in enumerate(numpy_block_inputs(params, x, seg, cfg)):
         p = jax.device_get(llama.layer_params(params, i))
-        _, _, taps = llama.block_with_taps(llama.layer_params(params, i), inputs[i], cos, sin,
-                                           mask, cfg)
-        t = {n: np.asarray(v, np.float64) for n, v in taps.items()}
         m = {n: np.abs(np.asarray(v, np.float64)) for n, v in p["mlp"].items()}
         a = {n: np.abs(np.asarray(v, np.float64)) for n, v in p["self_attn"].items()}
         norm = lambda v: np.sqrt((w * v * v).sum((0, 1)))  # noqa: E731
@@ -252,6 +297,35 @@ def test_lors_rates_at_given_steps():
     plan = sat_objective.make_plan(blocks.sat(0.5, 0.5), GQA, 100)
     assert [sat_objective.rung_counts(plan, GQA, j) for j in range(5)] == [
         (88, 1), (110, 1), (132, 1), (154, 2), (176, 2)]
+
+
+@pytest.mark.parametrize("steps", [10, 15])
+def test_a_short_tail_still_ends_on_the_dense_rung(steps):
+    """The defaults (constant_fraction 0.8, 4 rungs) on 10 or 15 steps leave a tail of 2 or
+    3 updates, fewer than the rungs: the final update is still dense, the tail descends."""
+    plan = sat_objective.make_plan(blocks.sat(0.5, 0.5), GQA, steps)
+    ladder = plan.ladder
+    assert ladder.omission_rate(steps - 1) == (0.0, 0.0)
+    assert sat_objective.rung_counts(plan, GQA, ladder.rung(steps - 1)) == (176, 2)
+    tail = [ladder.rung(s) for s in range(ladder.constant_steps, steps)]
+    assert tail == {10: [2, 4], 15: [2, 3, 4]}[steps]  # rungs 1 (and 3) are empty
+    assert ladder.num_rungs == 1 + len(tail)  # the compiled steps: the rungs it visits
+
+
+def test_lors_rungs_are_the_documented_intervals():
+    """rung j (1..n) covers [C + (j-1) T // n, C + j T // n) (sat/schedule.py), some empty
+    when T < n; the last step is always on rung n (dense)."""
+    for steps in range(1, 41):
+        for frac in (0.0, 0.5, 0.8):
+            for n in (1, 2, 4, 5):
+                ladder = schedule.Ladder.make(0.5, 0.5, steps, frac, n)
+                c = ladder.constant_steps
+                t = steps - c
+                want = [0] * c + [next(j for j in range(1, n + 1)
+                                       if c + (j - 1) * t // n <= s < c + j * t // n)
+                                  for s in range(c, steps)]
+                assert [ladder.rung(s) for s in range(steps)] == want, (steps, frac, n)
+                assert t == 0 or ladder.omission_rate(steps - 1) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("key,value,match", [

@@ -3,7 +3,9 @@
 Writes to `output_dir`: a Hugging Face directory whose pruned weights are exact zeros
 (transformers loads it as is; tokenizer files copied), `masks/` (one bit per weight,
 sparse_io/mask_io.py) and `sparsity_report.json`. With `eval.path`, perplexity before and after,
-as `launch.eval` computes it, from the same layer-streamed pass.
+as `launch.eval` computes it, from the same layer-streamed pass. With `pruning.keep_zeros`
+(the default) the old mask stays pruned: `<hf_path>/masks` when present, else the exact zeros
+(sparse_io/starting_masks.py, as launch.quantize).
 
 The output directory appears whole or not at all: it is built aside (`.<name>.partial` in the
 same parent) and renamed into place once, so a kill never leaves a checkpoint that looks
@@ -44,7 +46,7 @@ from sparse_llama.pruning import calibration, driver, methods, profiles, stream
 from sparse_llama.pruning.method import Method
 from sparse_llama.quant import compressed_tensors
 from sparse_llama.sparse_io import report as report_lib
-from sparse_llama.sparsity import masks as masks_lib
+from sparse_llama.sparse_io.starting_masks import starting_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +284,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     sections = check_prune_config(config)
     model = loading.model_config(config.model)
     check_against_model(model, sections)
+    p = sections.pruning
+    starting = starting_masks(config.model.hf_path, p.keep_zeros)
     stream.return_freed_memory()  # before the first large buffer
     start = time.time()
     tokenizer, tokenizer_dir = _tokenizer(config.model)
@@ -298,11 +302,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     rules = sharding.rules_from_config(config.mesh)
     sparsities = layer_sparsities(sections, source.block, source.embed, model, windows, mesh,
                                   rules)
-    p = sections.pruning
     spec = prune_spec(sections, sparsities)
     dtype = config.save_dtype or config.model.param_dtype
     hf_io.check_save_dtype(dtype)
-    initial = (lambda _, block: masks_lib.masks_from_zeros(block)) if p.keep_zeros else None
+    initial = None if starting is None else starting.block
     out = os.path.abspath(config.output_dir)  # checked by check_calibration_and_outputs
     result = {}
 

@@ -8,7 +8,12 @@ the same masks/ and report. With `eval.path`, perplexity before (the float model
 (the quantized model as it runs: the W8A8 forward with `activations=int8_dynamic`, else the
 dequantized weights), as `launch.eval` computes it. Summary: perplexity_before,
 perplexity_after, sparsity (exact zeros of the dequantized targeted weights), bits, seconds,
-output_dir, and method, format, activations, smoothquant_alpha, zeros_kept.
+output_dir, and method, format, activations, smoothquant_alpha, zeros_kept (every weight the
+starting mask prunes is 0 in the output).
+
+The starting mask is launch.prune's (sparse_io/starting_masks.py): `<hf_path>/masks` when
+present (a kept weight that is exactly zero stays kept and may move), else the exact zeros;
+with a `pruning` section and `pruning.keep_zeros=False`, none.
 
 The `quant` section becomes `calibrate.QuantSpec`; `calibration`, `eval` and `pruning` are
 read as launch.prune reads them (commands/prune.py, imported here; it never imports this).
@@ -24,13 +29,13 @@ from tqdm import tqdm
 from sparse_llama import loading
 from sparse_llama.commands import prune as prune_run
 from sparse_llama.ground.sections import spec_from_section
-from sparse_llama.ground.tree_paths import path_name
 from sparse_llama.model import sharding
 from sparse_llama.pruning import driver
 from sparse_llama.quant import calibrate, w8a8
 from sparse_llama.quant import compressed_tensors as ct
 from sparse_llama.sparse_io import report as report_lib
 from sparse_llama.sparse_io.sparse_export import save_sparse_hf
+from sparse_llama.sparse_io.starting_masks import starting_masks
 from sparse_llama.sparsity import masks as masks_lib
 
 FORMATS = ("hf", "compressed-tensors")
@@ -72,16 +77,17 @@ def check_quantize_config(config: ml_collections.ConfigDict
     return spec, sections
 
 
-def _zeros_kept(before: dict, after: dict) -> bool:
-    kept = jax.tree_util.tree_map_with_path(
-        lambda p, a, b: bool(jnp.all(jnp.where(a == 0, b == 0, True)))
-        if masks_lib.is_target(path_name(p)) else True, before, after)
-    return all(jax.tree.leaves(kept))
+def _zeros_kept(masks: dict, after: dict) -> bool:
+    """Every weight the starting masks prune is exactly 0 in the output."""
+    return all(bool(jnp.all(jnp.where(m, True, w == 0)))
+               for m, w in zip(jax.tree.leaves(masks), jax.tree.leaves(after), strict=True))
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Quantize (and with a `pruning` section, first prune) as `config` says; the summary."""
     spec, sections = check_quantize_config(config)
+    keep = sections.pruning is None or sections.pruning.keep_zeros
+    starting = starting_masks(config.model.hf_path, keep)
     start = time.time()
     windows, bundle, perplexity = prune_run.load_inputs(config, sections)
     model = bundle.config
@@ -89,6 +95,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         raise ValueError(f"calibration too short: {windows.size} tokens in calibration.path "
                          "for Hessians of width "
                          f"{max(model.hidden_size, model.intermediate_size)}; give more windows")
+    existing = (masks_lib.dense_masks(bundle.params) if starting is None
+                else starting.tree(bundle.params))
     ppl_before = perplexity(bundle.params, "eval (float)")
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
@@ -98,7 +106,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
             sections, prune_run.layer_sparsities(
                 sections, driver.blocks_of(bundle.params), lambda: bundle.params["embed_tokens"],
                 bundle.config, windows, mesh, rules))
-    existing = masks_lib.masks_from_zeros(bundle.params)
     quant_start = time.time()
     with tqdm(total=bundle.config.num_layers, desc=f"{spec.method} int{spec.bits}",
               unit="layer") as bar:
@@ -129,4 +136,4 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "method": spec.method, "format": config.format, "activations": spec.activations,
             "smoothquant_alpha": spec.smoothquant_alpha,
             "pruning": None if sections.pruning is None else sections.pruning.method,
-            "zeros_kept": _zeros_kept(bundle.params, params)}
+            "zeros_kept": _zeros_kept(existing, params)}

@@ -8,9 +8,13 @@ multiple of 128:
                                      each group (rows x cols/2 values in all)
     meta    uint8 (..., G_pad / 2, N_pad)
                                      per group a 4-bit code i0 | i1 << 2 (the in-group
-                                     positions of the two values, i0 < i1); group h sits in
-                                     the low nibble of meta[h], group h + G_pad / 2 in the
-                                     high nibble: 2 bits per kept weight
+                                     positions of the values); group h sits in the low
+                                     nibble of meta[h], group h + G_pad / 2 in the high
+                                     nibble: 2 bits per kept weight
+
+The codes are the mask, whatever the values (a kept weight may be exactly zero: a GPTQ code
+rounded to 0): i0 < i1 keeps both positions; i0 == i1 keeps that one position (values[1] is
+zero); i0 > i1 (code 1, padding included) keeps none (both values zero).
 
 Splitting the groups in two halves (instead of packing neighbours) lets a kernel read the two
 nibbles of one meta tile as two contiguous group ranges: no interleaving in the kernel. A
@@ -62,11 +66,18 @@ def _groups(a: jax.Array, block_g: int) -> jax.Array:
 
 
 def _positions(kept: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """In-group positions (i0 < i1) of the kept entries; groups with fewer than two kept
-    entries are completed with their first unkept positions (whose values are zero)."""
+    """The codes (i0, i1) of each group's kept entries (the module docstring): two kept ->
+    their positions, i0 < i1; one kept at j -> (j, j); none -> (1, 0)."""
     order = jnp.argsort(jnp.where(kept, 0, 4) + jnp.arange(4)[:, None], axis=-2, stable=True)
     first, second = order[..., 0, :], order[..., 1, :]
-    return jnp.minimum(first, second), jnp.maximum(first, second)
+    count = jnp.sum(kept, axis=-2)
+    return (jnp.where(count > 0, first, 1),
+            jnp.where(count > 1, second, jnp.where(count > 0, first, 0)))
+
+
+def _planes_kept(i0: jax.Array, i1: jax.Array) -> jax.Array:
+    """bool (..., 2, G, N): whether values[0] / values[1] hold a kept weight."""
+    return jnp.stack([i0 <= i1, i0 < i1], axis=-3)
 
 
 def pack_two_four(w: Float[Array, "*l k n"], *, mask=None, block_g: int = 128) -> TwoFourWeight:
@@ -103,6 +114,7 @@ def _pack_groups(wg: jax.Array, kept: jax.Array) -> tuple[jax.Array, jax.Array]:
         i0, i1 = _positions(k)
         values = jnp.stack([jnp.take_along_axis(w, i[:, None, :], axis=1)[:, 0, :]
                             for i in (i0, i1)], axis=0)
+        values = jnp.where(_planes_kept(i0, i1), values, jnp.zeros((), values.dtype))
         code = (i0 | (i1 << 2)).astype(jnp.uint8)
         half = code.shape[0] // 2
         return values, code[:half] | (code[half:] << 4)
@@ -121,16 +133,20 @@ def _codes(p: TwoFourWeight) -> tuple[jax.Array, jax.Array]:
 
 
 def _dense_groups(values: jax.Array, i0: jax.Array, i1: jax.Array) -> jax.Array:
-    """(..., G, 4, N): the planes W_j put back into their groups."""
+    """(..., G, 4, N): the planes W_j put back into their groups (the values off the mask are
+    zero, or False for a mask)."""
     j = jnp.arange(4)[:, None]
-    v0, v1 = values[..., 0, :, None, :], values[..., 1, :, None, :]
+    kept = _planes_kept(i0, i1)
     zero = jnp.zeros((), values.dtype)
+    v0 = jnp.where(kept[..., 0, :, :], values[..., 0, :, :], zero)[..., None, :]
+    v1 = jnp.where(kept[..., 1, :, :], values[..., 1, :, :], zero)[..., None, :]
     return (jnp.where(i0[..., None, :] == j, v0, zero)
             + jnp.where(i1[..., None, :] == j, v1, zero))
 
 
 def _scatter(values: jax.Array, p: TwoFourWeight) -> jax.Array:
-    """values laid out like p.values, put back at their (K, N) positions."""
+    """values laid out like p.values, put back at their (K, N) positions (those off the
+    mask dropped)."""
     i0, i1 = _codes(p)
     dense = _dense_groups(values, i0, i1)
     *lead, gp, _, np_ = dense.shape
@@ -144,19 +160,19 @@ def unpack_two_four(p: TwoFourWeight) -> Float[Array, "*l k n"]:
 
 
 def unpack_mask(p: TwoFourWeight) -> jax.Array:
-    """The bool (..., K, N) mask: the nonzero packed values (a kept zero counts as pruned)."""
-    return _scatter(p.values != 0, p)
+    """The bool (..., K, N) mask: the positions the codes name (a kept zero stays kept)."""
+    return _scatter(jnp.ones(p.values.shape, bool), p)
 
 
 def values_cotangent(p: TwoFourWeight, grad: Float[Array, "k n"]) -> TwoFourWeight:
-    """The cotangent of the packed weight given the dense gradient: the gradient at the
-    kept (nonzero) packed values; a slot that only completes a group (value zero) gets none,
-    so training keeps the mask. The metadata is structure (float0 cotangent)."""
+    """The cotangent of the packed weight given the dense gradient: the gradient at the kept
+    positions (those the codes name, zero or not); a value slot that holds no kept weight
+    gets none, so training keeps the mask. The metadata is structure (float0 cotangent)."""
     i0, i1 = _codes(p)
     g = _groups(grad.astype(p.values.dtype), p.block_g)
     values = jnp.stack([jnp.take_along_axis(g, i[..., None, :], axis=-2)[..., 0, :]
                         for i in (i0, i1)], axis=-3)
-    values = jnp.where(p.values != 0, values, jnp.zeros((), values.dtype))
+    values = jnp.where(_planes_kept(i0, i1), values, jnp.zeros((), values.dtype))
     return p.cotangent(values)
 
 

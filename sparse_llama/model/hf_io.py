@@ -15,6 +15,7 @@ inside a temporary directory that is renamed into place only when complete.
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -236,13 +237,34 @@ def _to_device(host: dict) -> dict:
     return out
 
 
-def stored_tensor(w: np.ndarray, keep: np.ndarray | None, transpose: bool,
-                  np_dtype) -> np.ndarray:
+def cast_finite(w: np.ndarray, np_dtype, name: str) -> np.ndarray:
+    """`w` cast to the stored dtype; a value that is not finite there (a float16 overflow
+    above 65504, or a NaN / inf already in w) is a ValueError naming the tensor, raised while
+    the checkpoint is still being built, so nothing is published."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = w.astype(np_dtype, copy=False)
+    bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if bad:
+        dtype = np.dtype(np_dtype).name
+        if np.count_nonzero(np.isfinite(w)) < w.size:
+            why = "the weights themselves are not finite: fix the run that made them"
+        else:
+            why = (f"largest |w| {float(np.max(np.abs(w))):.6g}, beyond {dtype}'s "
+                   f"{float(jnp.finfo(np_dtype).max):.6g}: save in float32 or bfloat16")
+        raise ValueError(f"{name}: {bad} value{'' if bad == 1 else 's'} "
+                         f"{'is' if bad == 1 else 'are'} not finite in {dtype} ({why}); "
+                         "nothing was published")
+    return out
+
+
+def stored_tensor(w: np.ndarray, keep: np.ndarray | None, transpose: bool, np_dtype, *,
+                  name: str) -> np.ndarray:
     """One host tensor as a checkpoint stores it: entries `keep` drops exact zeros, cast to
-    the stored dtype, in the Hugging Face layout (contiguous)."""
+    the stored dtype (`cast_finite`: a value not finite there is an error naming `name`), in
+    the Hugging Face layout (contiguous)."""
     if keep is not None:
         w = np.where(keep, w, np.zeros((), w.dtype))
-    w = w.astype(np_dtype, copy=False)
+    w = cast_finite(w, np_dtype, name)
     return np.ascontiguousarray(w.T if transpose else w)
 
 
@@ -254,7 +276,13 @@ def hf_tensors(params: dict, masks, config: LlamaConfig, np_dtype):
         keep = (None if m is None or (jnp.ndim(m) == 0 and bool(m))
                 else sharding.host_array(m, where.layer))
         w = sharding.host_array(get_path(params, where.path), where.layer)
-        yield name, stored_tensor(w, keep, where.transpose, np_dtype)
+        yield name, stored_tensor(w, keep, where.transpose, np_dtype, name=name)
+
+
+def _observed(tensors, on_tensor: Callable[[str, np.ndarray], None]):
+    for name, t in tensors:
+        on_tensor(name, t)
+        yield name, t
 
 
 def hf_tensor_specs(config: LlamaConfig, dtype: str) -> list[TensorSpec]:
@@ -322,7 +350,8 @@ def write_hf_metadata(config: LlamaConfig, directory: Path, *, dtype: str,
 def write_hf(params: dict, config: LlamaConfig, directory: str | os.PathLike, *, masks=None,
              tokenizer_dir: str | os.PathLike | None = None, dtype: str | None = None,
              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             generation_config: dict | None = None) -> None:
+             generation_config: dict | None = None,
+             on_tensor: Callable[[str, np.ndarray], None] | None = None) -> None:
     """The files of a Hugging Face checkpoint of `params` into the existing `directory`.
 
     Every process of a multi-host run calls it with its (sharded) params; tensors are gathered
@@ -334,6 +363,9 @@ def write_hf(params: dict, config: LlamaConfig, directory: str | os.PathLike, *,
     masks: pytree like params (bool); pruned entries are written as exact zeros, so the dense
       checkpoint loads anywhere (docs/algorithms.md, "Checkpoint format").
     dtype: stored dtype ('float32', 'bfloat16', 'float16'); None keeps the embedding's dtype.
+      A value that is not finite in it (float16 above 65504) is an error naming the tensor.
+    on_tensor(name, stored): called with every tensor as it is stored (masked, cast, Hugging
+      Face layout), on every process: what a report of the written checkpoint counts.
     """
     _check_params(params, config)
     if masks is not None:
@@ -342,6 +374,8 @@ def write_hf(params: dict, config: LlamaConfig, directory: str | os.PathLike, *,
     check_save_dtype(dtype)
     _tokenizer_files(tokenizer_dir)  # a bad tokenizer dir fails before any tensor moves
     tensors = hf_tensors(params, masks, config, np.dtype(jnp.dtype(dtype)))
+    if on_tensor is not None:
+        tensors = _observed(tensors, on_tensor)
     if jax.process_index() != 0:
         for _ in tensors:  # the gathers are collective: take part, write nothing
             pass

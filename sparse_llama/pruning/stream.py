@@ -104,7 +104,7 @@ def _write_top(writer: ShardedWriter | None, top: dict, entries, np_dtype) -> No
     for name, path, _, transpose in entries:
         if writer is not None:
             writer.add(name, hf_io.stored_tensor(np.asarray(get_path(top, path)), None,
-                                                 transpose, np_dtype))
+                                                 transpose, np_dtype, name=name))
 
 
 def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
@@ -137,7 +137,7 @@ def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
         evals = [driver.Activations(chunks, mesh, rules)] * 2  # dense, pruned
     inputs = driver.embed_windows(embed, windows, config, spec.batch_size)
     del embed  # the windows are embedded: the table is not needed again
-    counts = []
+    counts = report_lib.WrittenCounts(config)  # what is written: masked, cast
     for done in driver.prune_blocks(source.block, inputs, config, spec,
                                     initial_masks=initial_masks,
                                     mesh=mesh, rules=rules, keep_dense=evals is not None):
@@ -146,13 +146,12 @@ def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
             w = sharding.host_array(get_path(done.pruned, leaf))
             m = get_path(done.masks, leaf)
             keep = sharding.host_array(m) if np.ndim(m) else None
-            if keep is not None:
-                w = np.where(keep, w, np.zeros((), w.dtype))  # counted as written
-                counts.append(report_lib.tensor_counts("/".join(leaf), layer, w))
-                if primary:
-                    masks_out.add("/".join(path), layer, keep)
+            if keep is not None and primary:
+                masks_out.add("/".join(path), layer, keep)
+            stored = hf_io.stored_tensor(w, keep, transpose, np_dtype, name=name)
+            counts(name, stored)
             if primary:
-                writer.add(name, hf_io.stored_tensor(w, None, transpose, np_dtype))
+                writer.add(name, stored)
         if evals is not None:
             evals = [evals[0].advance(done.dense, config), evals[1].advance(done.pruned, config)]
         if progress is not None:
@@ -166,4 +165,4 @@ def prune_to_dir(source: Source, config: LlamaConfig, windows: np.ndarray,
         head = {**head, "embed_tokens": source.embed()}
     ppl = (None, None) if evals is None else tuple(
         _perplexity(head, a, eval_windows, eval_batch_size, config) for a in evals)
-    return report_lib.summarize(counts), *ppl
+    return counts.report(), *ppl

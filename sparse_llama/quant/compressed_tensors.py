@@ -105,7 +105,7 @@ def _encode_file(file: Path, names: dict, scales: dict, dtype) -> dict[str, str]
     for name in list(tensors):
         where = names.get(name)
         if where is None or "/".join(where.path) not in scales:
-            tensors[name] = tensors[name].astype(dtype)
+            tensors[name] = hf_io.cast_finite(tensors[name], dtype, name)
             continue
         s = _layer_scales(scales, where.path, where.layer)  # (out,)
         codes = np.round(tensors[name].astype(np.float32) / s[:, None])

@@ -14,7 +14,7 @@ versions (an orbax checkpoint of the bool tree) still load.
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
@@ -112,11 +112,14 @@ def _mask_files(directory: Path) -> list[Path]:
     return [directory / f"{PREFIX}.safetensors"]
 
 
-def _read_packed(files: Iterable[Path]) -> tuple[dict, dict]:
-    """(leaves, {tensor name: packed bits}) of the new format's files."""
+def _read_packed(files: Iterable[Path], names: Iterable[str] | None = None
+                 ) -> tuple[dict, dict]:
+    """(leaves, {tensor name: packed bits}) of the new format's files: every tensor, or only
+    `names` (safetensors reads just those)."""
     from safetensors import safe_open
 
     leaves, packed = None, {}
+    wanted = None if names is None else set(names)
     for file in files:
         with safe_open(str(file), framework="numpy") as f:
             meta = f.metadata() or {}
@@ -125,19 +128,24 @@ def _read_packed(files: Iterable[Path]) -> tuple[dict, dict]:
                                  f"expected {FORMAT!r})")
             leaves = {k: (tuple(v) if v else None)
                       for k, v in json.loads(meta["leaves"]).items()}
-            packed.update({name: f.get_tensor(name) for name in f.keys()})
+            packed.update({name: f.get_tensor(name) for name in f.keys()
+                           if wanted is None or name in wanted})
     return leaves, packed
+
+
+def _unpack(packed: dict, name: str, hf_shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    """One tensor's mask in our layout from its packed bits."""
+    if name not in packed:
+        raise ValueError(f"the masks file has no tensor {name}")
+    m = np.unpackbits(packed[name], axis=-1, count=hf_shape[-1]).astype(bool)
+    return m.T if transpose else m
 
 
 def _unpack_tree(leaves: dict, packed: dict) -> dict:
     host = {path: (np.empty(shape, bool) if shape else np.ones((), bool))
             for path, shape in leaves.items()}
     for name, path, layer, transpose in _entries(leaves):
-        if name not in packed:
-            raise ValueError(f"the masks file has no tensor {name}")
-        hf_shape = _tensor_shape(leaves[path], layer, transpose)
-        m = np.unpackbits(packed[name], axis=-1, count=hf_shape[-1]).astype(bool)
-        m = m.T if transpose else m
+        m = _unpack(packed, name, _tensor_shape(leaves[path], layer, transpose), transpose)
         if layer is None:
             host[path][...] = m
         else:
@@ -156,21 +164,53 @@ def _load_orbax(directory: str):
         return ckpt.restore(directory)
 
 
-def load_masks(directory: str | os.PathLike, params=None):
-    """Read masks saved by `save_masks` (host bool arrays); with params, check that they fit."""
+def _readable(directory: str | os.PathLike, read: Callable):
+    """read(the masks files, or None for an older orbax directory), a damaged file a
+    ValueError naming the directory."""
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no masks directory at {directory}")
     files = _mask_files(Path(directory))
     try:
-        if all(f.is_file() for f in files):
-            masks = _unpack_tree(*_read_packed(files))
-        else:
-            masks = _load_orbax(directory)
+        return read(files if all(f.is_file() for f in files) else None)
     except Exception as err:  # safetensors and orbax raise many types for damaged files
         raise ValueError(f"{directory} is not a readable masks directory ({err}); re-run the "
                          "pruning that wrote it") from err
+
+
+def check_readable(directory: str | os.PathLike) -> None:
+    """Refuse a masks directory whose files are not masks files, reading their headers only
+    (an older orbax directory is not checked)."""
+    _readable(directory, lambda files: files is None or _read_packed(files, names=()))
+
+
+def load_masks(directory: str | os.PathLike, params=None):
+    """Read masks saved by `save_masks` (host bool arrays); with params, check that they fit."""
+    masks = _readable(directory, lambda files: _load_orbax(os.path.abspath(directory))
+                      if files is None else _unpack_tree(*_read_packed(files)))
     masks = jax.tree.map(lambda m: np.asarray(m, bool), masks)
     if params is not None:
         check_masks(params, masks)
     return masks
+
+
+def load_block_masks(directory: str | os.PathLike, layer: int) -> dict:
+    """Decoder block `layer`'s masks (host bool, unstacked: `llama.layer_params` of the
+    tree), reading only that block's tensors; an older (orbax) directory is read whole."""
+    def read(files):
+        if files is None:
+            return jax.tree.map(lambda m: np.asarray(m)[layer] if np.ndim(m) else m,
+                                _load_orbax(os.path.abspath(directory))["layers"])
+        leaves = _read_packed(files, names=())[0]
+        mine = [e for e in _entries(leaves) if e[2] == layer]
+        packed = _read_packed(files, names=[name for name, *_ in mine])[1]
+        block: dict = {}
+        for path in leaves:
+            if path.startswith("layers/"):
+                set_path(block, tuple(path.split("/")[1:]), np.ones((), bool))
+        for name, path, _, transpose in mine:
+            set_path(block, tuple(path.split("/")[1:]), _unpack(
+                packed, name, _tensor_shape(leaves[path], layer, transpose), transpose))
+        return block
+
+    return jax.tree.map(lambda m: np.asarray(m, bool), _readable(directory, read))

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 
 from sparse_llama.ground.tree_paths import path_name
-from sparse_llama.model import sharding
+from sparse_llama.model import hf_io, sharding
+from sparse_llama.model.config import LlamaConfig
 from sparse_llama.sparsity.masks import DEFAULT_TARGETS, is_target
 
 
@@ -62,6 +63,28 @@ def sparsity_report(params, targets=DEFAULT_TARGETS) -> dict:
     if not counts:
         raise ValueError(f"no targeted tensors found among the params (targets: {targets})")
     return summarize(counts)
+
+
+class WrittenCounts:
+    """`tensor_counts` of the targeted tensors as a checkpoint writer stores them: call it
+    with each (Hugging Face name, stored array) (`hf_io.write_hf`'s `on_tensor`, the streamed
+    pruner's writes), then `report()`. Counted after the mask and the cast to the stored
+    dtype, so a kept weight that underflowed to 0 (float16, bfloat16) counts as a zero."""
+
+    def __init__(self, config: LlamaConfig, targets=DEFAULT_TARGETS):
+        self._names = hf_io.hf_tensor_names(config)
+        self._targets = targets
+        self.counts: list[dict] = []
+
+    def __call__(self, name: str, stored: np.ndarray) -> None:
+        where = self._names[name]
+        path = "/".join(where.path)
+        if is_target(path, self._targets):
+            self.counts.append(tensor_counts(path.removeprefix("layers/"), where.layer,
+                                             stored.T if where.transpose else stored))
+
+    def report(self) -> dict:
+        return summarize(self.counts)
 
 
 def format_report(report: dict) -> str:

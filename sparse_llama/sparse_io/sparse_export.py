@@ -2,7 +2,8 @@
 
     OUT/config.json, model.safetensors (pruned weights are exact zeros), tokenizer files
     OUT/masks/masks.safetensors the masks, one bit per weight (sparse_io/mask_io.py), 1 = kept
-    OUT/sparsity_report.json   exact zeros per tensor, module type, layer (counted from weights)
+    OUT/sparsity_report.json   exact zeros per tensor, module type, layer (counted from the
+                               weights as written: masked and cast to the stored dtype)
 
 Everything is built in `<parent>/.<name>.partial` and renamed into place once
 (ground/publish.py), so a crash leaves
@@ -20,7 +21,7 @@ from sparse_llama.ground.publish import check_replaceable, publish_dir, write_js
 from sparse_llama.model import hf_io
 from sparse_llama.model.config import LlamaConfig
 from sparse_llama.sparse_io import mask_io
-from sparse_llama.sparse_io.report import sparsity_report
+from sparse_llama.sparse_io.report import WrittenCounts
 from sparse_llama.sparsity import masks as masks_lib
 
 
@@ -31,19 +32,24 @@ def save_sparse_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike
 
     Every process of a multi-host run calls it with its sharded params and masks: each tensor
     is gathered on its own and process 0 writes (hf_io.write_hf, mask_io.save_masks), so no
-    host holds more than one tensor beyond its own shards. Returns (the directory, the report; computed from the weights unless given). An existing
-    `out_dir` is replaced only when it holds a config.json (a previous checkpoint); any other
-    non-empty directory is refused before anything is written.
+    host holds more than one tensor beyond its own shards. Returns (the directory, the
+    report: unless given, counted from the tensors as written, `report.WrittenCounts`). A
+    value that is not finite in `dtype` (float16 above 65504) is an error naming the tensor,
+    and nothing is published. An existing `out_dir` is replaced only when it holds a
+    config.json (a previous checkpoint); any other non-empty directory is refused before
+    anything is written.
     """
     masks_lib.check_masks(params, masks)
     check_replaceable(out_dir)
-    report = sparsity_report(params) if report is None else report
+    counts = WrittenCounts(config) if report is None else None
+    written = {}
 
     def write(staging: Path) -> None:
         hf_io.write_hf(params, config, staging, masks=masks, tokenizer_dir=tokenizer_dir,
-                       dtype=dtype)
+                       dtype=dtype, on_tensor=counts)
         mask_io.save_masks(masks, staging / "masks")
+        written["report"] = report if counts is None else counts.report()
         if jax.process_index() == 0:
-            write_json(staging / "sparsity_report.json", report)
+            write_json(staging / "sparsity_report.json", written["report"])
 
-    return publish_dir(out_dir, write), report
+    return publish_dir(out_dir, write), written["report"]
