@@ -4,13 +4,10 @@ stage's own output directory, and a first sparse stage's start measured (`checkp
 its masks file or its exact zeros, read on the host tensor by tensor)."""
 
 import json
-import math
 import os
 from pathlib import Path
 
 import ml_collections
-import numpy as np
-from safetensors import safe_open
 
 from sparse_llama import loading
 from sparse_llama.adapters import objective as adapters
@@ -28,8 +25,6 @@ from sparse_llama.commands.recipe_configs import (
 from sparse_llama.data import pipeline
 from sparse_llama.model import hf_io
 from sparse_llama.model.config import LlamaConfig, check_context
-from sparse_llama.sparse_io import mask_io
-from sparse_llama.sparsity import masks as masks_lib
 from sparse_llama.train import config_checks, run_setup, sparse_start
 
 # No tokenizer averages this many bytes per token: a text of at least this many bytes per
@@ -39,26 +34,11 @@ _BYTES_PER_TOKEN_BOUND = 64
 
 def checkpoint_sparsity(hf_dir: str) -> tuple[float, str]:
     """(fraction of the target weights pruned, what it was read from) of a checkpoint
-    directory: its masks file (`masks/`, one bit per weight) when it has one, else its exact
-    zeros; read on the host one tensor at a time (nothing on a device, never the model)."""
-    index = hf_io.open_checkpoint(hf_dir)  # the headers: names, shapes, files
-    targets = {n: t for n, t in index.tensors.items() if masks_lib.is_target("/".join(t.path))}
+    directory (`sparse_start.checkpoint_sparsity`: its masks file, else its exact zeros, read
+    on the host one tensor at a time)."""
     masks_dir = Path(hf_dir) / "masks"
-    mask_files = sorted(masks_dir.glob(f"{mask_io.PREFIX}*.safetensors"))
-    files = mask_files or sorted(set(index.files[n] for n in targets))
-    pruned = 0
-    for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for name in (n for n in f.keys() if n in targets):
-                if mask_files:  # packed along the last axis (sparse_io/mask_io.py)
-                    kept = np.unpackbits(f.get_tensor(name), axis=-1,
-                                         count=targets[name].hf_shape[-1])
-                    pruned += kept.size - int(np.count_nonzero(kept))
-                else:
-                    pruned += int(np.count_nonzero(f.get_tensor(name) == 0))
-    total = sum(math.prod(t.hf_shape) for t in targets.values())
-    return pruned / max(total, 1), (f"its masks file ({masks_dir})" if mask_files
-                                    else "its exact zeros")
+    source = f"its masks file ({masks_dir})" if masks_dir.is_dir() else "its exact zeros"
+    return sparse_start.checkpoint_sparsity(hf_dir), source
 
 
 def model_sparsity(hf_dir: str) -> float:
