@@ -54,12 +54,12 @@ def model_sparsity(hf_dir: str) -> float:
 def _check_sparse_start(config, name: str) -> None:
     """A first training stage that keeps the start's mask needs a sparse start."""
     sparsity, source = checkpoint_sparsity(config.model.hf_path)
-    if sparsity < sparse_start.DENSIFY_WARNING_SPARSITY:
+    if sparsity < sparse_start.SPARSE_CHECKPOINT_MIN:
         raise ValueError(
             f"stage {name!r} trains sparse, keeping the mask of model.hf_path="
             f"{config.model.hf_path!r}, which is {sparsity:.3f} sparse (measured from "
             f"{source}), not a sparse model (under "
-            f"{sparse_start.DENSIFY_WARNING_SPARSITY:.0%} pruned); put a prune stage first, set config.{name}."
+            f"{sparse_start.SPARSE_CHECKPOINT_MIN:.0%} pruned); put a prune stage first, set config.{name}."
             f"mask_init, or start from a pruned model (a launch.prune output)")
 
 
