@@ -17,6 +17,8 @@ then trained further on the same text with the same optimizer settings and token
          seq_len + 1 tokens (seq_len predictions each, as ours), a new random permutation each
          epoch, batch_size windows per step. Only the permutation differs from ours;
          torch_same_order_ppl is torch trained once more on exactly ours' batches.
+         (`torch_recovery(windows="random")`: rows at random offsets instead, nanoGPT's
+         sampling; benchmarks/sparse_recovery_file.py compares both on a file of your own.)
 
 Every perplexity is `sparse_llama.commands.eval.evaluate_text` (what `launch.eval` computes) on a
 held-out text of other modules. seconds: wall time of the whole recipe (load, train, export),
@@ -33,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +87,13 @@ def train_dense(train_path: str, workdir: str, steps: int, seed: int = 0) -> str
 
 
 def prune_model(hf_dir: str, out_dir: str, sparsity: float, calibration_path: str, *,
-                num_samples: int = 128) -> dict:
+                num_samples: int = 128, seq_len: int = SEQ_LEN) -> dict:
     """SparseGPT to `sparsity` (uniform, unstructured); returns the prune summary."""
     config = prune.get_config("sparsegpt50")
     config.model.hf_path = hf_dir
     config.output_dir = out_dir
     config.pruning.sparsity = sparsity
-    config.calibration.update(path=calibration_path, num_samples=num_samples, seq_len=SEQ_LEN)
+    config.calibration.update(path=calibration_path, num_samples=num_samples, seq_len=seq_len)
     return prune_run.run(config)
 
 
@@ -121,9 +124,45 @@ def lr_factor(step: int, warmup: int, total_steps: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def window_starts(stream_len: int, seq_len: int, batch_size: int, *, seed: int = 0,
+                  windows: str = "permuted", order: np.ndarray | None = None
+                  ) -> Iterator[np.ndarray]:
+    """The first-token offsets (batch_size,) of each step's rows of seq_len + 1 tokens, forever.
+
+    "permuted": the non-overlapping windows k * seq_len, k < (stream_len - 1) // seq_len, a
+    fresh numpy permutation each epoch (or the window indices `order`, in order, when given).
+    "random": uniform offsets in [0, stream_len - seq_len - 1], every row inside the stream.
+    """
+    if windows not in ("permuted", "random"):
+        raise ValueError(f"windows must be 'permuted' or 'random', got {windows!r}")
+    rng = np.random.default_rng(seed)
+
+    def given():
+        picked = np.asarray(order, np.int64)
+        for k in range(0, len(picked) - batch_size + 1, batch_size):
+            yield picked[k:k + batch_size] * seq_len
+
+    def random():
+        while True:
+            yield rng.integers(0, stream_len - seq_len, size=batch_size)
+
+    def permuted():
+        pending = np.empty(0, np.int64)
+        while True:
+            if len(pending) < batch_size:  # a new epoch: a fresh permutation
+                pending = np.concatenate([pending, rng.permutation((stream_len - 1) // seq_len)])
+            yield pending[:batch_size] * seq_len
+            pending = pending[batch_size:]
+
+    if order is not None:
+        return given()
+    return random() if windows == "random" else permuted()
+
+
 def torch_recovery(pruned: str, stream: np.ndarray, out_dir: str, *, steps: int,
                    batch_size: int, seq_len: int, optimizer: dict, seed: int = 0,
-                   threads: int = 0, order: np.ndarray | None = None) -> dict:
+                   threads: int = 0, order: np.ndarray | None = None,
+                   windows: str = "permuted") -> dict:
     """The textbook recipe: masked gradients before AdamW, weights re-zeroed after each step.
 
     `stream`: the training tokens (1-D int), cut into non-overlapping windows of seq_len + 1
@@ -131,7 +170,9 @@ def torch_recovery(pruned: str, stream: np.ndarray, out_dir: str, *, steps: int,
     optimizer keys. `threads`: torch's intra-op threads (0: torch's default). `order`: window
     indices to train on instead of the permutations, `steps * batch_size` of them (e.g.
     `ours_window_order`: the same batches as ours, to tell data order from the recipe; the
-    last, partial window may be among them, its missing targets ignored). Saves a Hugging Face
+    last, partial window may be among them, its missing targets ignored). `windows`:
+    "permuted" (the above) or "random": every row starts at a uniform random offset of the
+    stream, seq_len + 1 tokens fully inside it (nanoGPT's `get_batch`). Saves a Hugging Face
     directory (tokenizer files of `pruned` copied) and returns {"seconds",
     "tokens_per_s", "loss"} (loss: mean of the last 50 steps).
     """
@@ -169,18 +210,14 @@ def torch_recovery(pruned: str, stream: np.ndarray, out_dir: str, *, steps: int,
                                              np.zeros(seq_len + 1, np.int64)]))
     last_target = len(stream) - 1
     offsets = torch.arange(seq_len + 1)
-    rng = np.random.default_rng(seed)
     losses, timed_from = [], None
-    given = order is not None
-    order = np.asarray(order, np.int64) if given else np.empty(0, np.int64)
+    batches = window_starts(len(stream), seq_len, batch_size, seed=seed, windows=windows,
+                            order=order)
     for step in range(steps):
-        if len(order) < batch_size and not given:  # a new epoch: a fresh permutation
-            order = np.concatenate([order, rng.permutation(num_windows)])
-        picked, order = order[:batch_size], order[batch_size:]
-        index = torch.as_tensor(picked)[:, None] * seq_len + offsets
-        windows = tokens[index]
-        targets = torch.where(index[:, 1:] > last_target, -100, windows[:, 1:])
-        logits = model(input_ids=windows[:, :-1]).logits
+        index = torch.as_tensor(next(batches))[:, None] + offsets
+        rows = tokens[index]
+        targets = torch.where(index[:, 1:] > last_target, -100, rows[:, 1:])
+        logits = model(input_ids=rows[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
                                                  targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)

@@ -103,3 +103,26 @@ def test_sparse_recovery_matches_the_torch_recipe(tmp_path):
         np.testing.assert_array_equal(w == 0, pruned_tensors[name] == 0, err_msg=name)
     assert r["ours_sparsity"] == pruned_zeros
     assert r["torch_sparsity"] == pruned_zeros
+
+
+def test_torch_windows_random_offsets_and_permuted_epochs():
+    """The reference loop's data: "random" rows start at offsets other than multiples of
+    seq_len and stay inside the stream; "permuted" covers every window once per epoch."""
+    stream_len, seq_len, batch = 1000, 32, 4  # 31 windows of 33 tokens
+    rows = sr.window_starts(stream_len, seq_len, batch, seed=3, windows="random")
+    starts = np.concatenate([next(rows) for _ in range(200)])
+    assert starts.min() >= 0 and starts.max() <= stream_len - seq_len - 1
+    assert np.mean(starts % seq_len != 0) > 0.9  # not the fixed windows
+    assert len(np.unique(starts)) > 300  # spread over the whole stream
+
+    rows = sr.window_starts(stream_len, seq_len, batch, seed=3)
+    starts = np.concatenate([next(rows) for _ in range(31)])  # 124 rows: 4 epochs of 31
+    for epoch in np.split(starts, 4):
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(31) * seq_len)
+    assert not np.array_equal(starts[:31], starts[31:62])  # a new permutation per epoch
+
+    order = np.array([5, 0, 5, 30, 2, 2, 1, 7])
+    given = list(sr.window_starts(stream_len, seq_len, batch, order=order))
+    np.testing.assert_array_equal(np.concatenate(given), order * seq_len)
+    with pytest.raises(ValueError, match="windows must be"):
+        sr.window_starts(stream_len, seq_len, batch, windows="offsets")

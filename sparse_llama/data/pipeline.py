@@ -32,7 +32,10 @@ source); else the embedded corpus's fixed split (corpus.py); else, for a source 
 documents, the documents whose id hash falls below data.validation_fraction (by document, so a
 document is never on both sides); and for a source of one document (a single text file) the
 last validation_fraction of its tokens: a contiguous tail, so no validation window overlaps
-or neighbours training text, as a wikitext-style test split.
+or neighbours training text, as a wikitext-style test split. That tail is never trained on: a
+loop that trains on the whole file (the tail included) and is measured on the tail, or on
+any other part of the file, is not measured on held-out text (docs/recipes.md,
+"configs/sparse.py"); give data.eval_path to train on all of the file.
 
 Batches are dicts of numpy arrays (b = rows, t = seq_len):
     inputs, targets, segment_ids, positions  (b, t) int32
