@@ -238,29 +238,27 @@ def _to_device(host: dict) -> dict:
 
 
 def cast_finite(w: np.ndarray, np_dtype, name: str) -> np.ndarray:
-    """`w` cast to the stored dtype; a value that is not finite there (a float16 overflow
-    above 65504, or a NaN / inf already in w) is a ValueError naming the tensor, raised while
-    the checkpoint is still being built, so nothing is published."""
+    """`w` cast to the stored dtype; a finite value that the cast makes infinite (float16
+    above 65504) is a ValueError naming the tensor, raised while the checkpoint is still
+    being built, so nothing is published. (NaN / inf already in w are the pruner's and the
+    training loop's to refuse: they name the block, the step.)"""
     with np.errstate(over="ignore", invalid="ignore"):
         out = w.astype(np_dtype, copy=False)
-    bad = int(out.size - np.count_nonzero(np.isfinite(out)))
-    if bad:
+    bad = int(np.count_nonzero(np.isfinite(w)) - np.count_nonzero(np.isfinite(out)))
+    if bad > 0:
         dtype = np.dtype(np_dtype).name
-        if np.count_nonzero(np.isfinite(w)) < w.size:
-            why = "the weights themselves are not finite: fix the run that made them"
-        else:
-            why = (f"largest |w| {float(np.max(np.abs(w))):.6g}, beyond {dtype}'s "
-                   f"{float(jnp.finfo(np_dtype).max):.6g}: save in float32 or bfloat16")
-        raise ValueError(f"{name}: {bad} value{'' if bad == 1 else 's'} "
-                         f"{'is' if bad == 1 else 'are'} not finite in {dtype} ({why}); "
-                         "nothing was published")
+        raise ValueError(
+            f"{name}: {bad} value{'' if bad == 1 else 's'} {'is' if bad == 1 else 'are'} not "
+            f"finite in {dtype} (largest |w| {float(np.max(np.abs(w[np.isfinite(w)]))):.6g}, "
+            f"beyond {dtype}'s {float(jnp.finfo(np_dtype).max):.6g}); nothing was published: "
+            "save in float32 or bfloat16")
     return out
 
 
 def stored_tensor(w: np.ndarray, keep: np.ndarray | None, transpose: bool, np_dtype, *,
                   name: str) -> np.ndarray:
     """One host tensor as a checkpoint stores it: entries `keep` drops exact zeros, cast to
-    the stored dtype (`cast_finite`: a value not finite there is an error naming `name`), in
+    the stored dtype (`cast_finite`: an overflow is an error naming `name`), in
     the Hugging Face layout (contiguous)."""
     if keep is not None:
         w = np.where(keep, w, np.zeros((), w.dtype))
@@ -363,7 +361,7 @@ def write_hf(params: dict, config: LlamaConfig, directory: str | os.PathLike, *,
     masks: pytree like params (bool); pruned entries are written as exact zeros, so the dense
       checkpoint loads anywhere (docs/algorithms.md, "Checkpoint format").
     dtype: stored dtype ('float32', 'bfloat16', 'float16'); None keeps the embedding's dtype.
-      A value that is not finite in it (float16 above 65504) is an error naming the tensor.
+      A value the cast overflows (float16 above 65504) is an error naming the tensor.
     on_tensor(name, stored): called with every tensor as it is stored (masked, cast, Hugging
       Face layout), on every process: what a report of the written checkpoint counts.
     """

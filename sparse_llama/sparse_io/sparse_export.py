@@ -34,7 +34,7 @@ def save_sparse_hf(params: dict, config: LlamaConfig, out_dir: str | os.PathLike
     is gathered on its own and process 0 writes (hf_io.write_hf, mask_io.save_masks), so no
     host holds more than one tensor beyond its own shards. Returns (the directory, the
     report: unless given, counted from the tensors as written, `report.WrittenCounts`). A
-    value that is not finite in `dtype` (float16 above 65504) is an error naming the tensor,
+    value the cast to `dtype` overflows (float16 above 65504) is an error naming the tensor,
     and nothing is published. An existing `out_dir` is replaced only when it holds a
     config.json (a previous checkpoint); any other non-empty directory is refused before
     anything is written.
