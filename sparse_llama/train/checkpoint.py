@@ -387,12 +387,14 @@ class Checkpoints:
 
     def _newest_intact(self, restore):
         """`restore(step)` of the newest step it reads; see restore_latest."""
+        # Before the first try: an aborted read's callback can fire while orbax is still
+        # unwinding the failed restore, before the error reaches this loop.
+        _silence_aborted_reads()
         damaged: list[DamagedCheckpointError] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 restored = restore(step)
             except DamagedCheckpointError as err:
-                _silence_aborted_reads()
                 damaged.append(err)
                 continue
             if damaged:
